@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`.
+# torch is installed first and pinned: on this project's machines `torch==2.13.0` is a local CPU wheel;
+# any other route makes pip pull a multi-GB CUDA build. Elsewhere, override TORCH, e.g.
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUILD := build
+PROMPT ?= a red circle on a blue background
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[convert,test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/edge convert default -o $(BUILD)/default-bundle --overwrite
+	$(BIN)/edge generate $(BUILD)/default-bundle "$(PROMPT)" --steps 20 --seed 0 -o $(BUILD)/demo.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(BUILD) $(VENV)

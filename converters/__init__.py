@@ -1,0 +1,1 @@
+"""Host-side converters: Stable Diffusion models -> edge bundles. Needs the [convert] extra."""

@@ -1,0 +1,163 @@
+"""Open a Stable Diffusion model from whatever the user has: a diffusers folder, a single-file
+checkpoint, a Hub id in the local cache, or one of our built-in names. Always offline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Never touch the network (diffusers otherwise tries the Hub when a single file's configs aren't cached),
+# and keep the libraries' notices out of the user's way. Set before huggingface_hub is first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import torch
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+BUILTIN = ("default", "tiny-random")
+ASSETS = Path(__file__).parent / "assets"
+
+
+class SourceError(ValueError):
+    """The model source cannot be opened; the message says why and what would work."""
+
+
+@dataclass
+class Source:
+    pipe: Any  # diffusers.StableDiffusionPipeline, fp32, eval mode
+    kind: str  # "diffusers_folder", "single_file", "hub", "builtin"
+    name: str  # what the user passed
+
+
+def open_source(source: str, *, config: str | None = None, allow_pickle: bool = False) -> Source:
+    """Load `source` as a float32 diffusers pipeline, offline, with one clear error when it can't be."""
+    path = Path(source)
+    if source in BUILTIN and not path.exists():
+        return Source(_builtin(source), "builtin", source)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise SourceError(f"{path} is a folder but not a diffusers model: it has no model_index.json")
+        return Source(_from_pretrained(str(path)), "diffusers_folder", source)
+    if path.suffix in PICKLE_SUFFIXES and (path.is_file() or allow_pickle):
+        if not allow_pickle:
+            raise SourceError(
+                f"refusing to load {path}: {path.suffix} checkpoints are Python pickles, and unpickling runs "
+                "whatever code the file contains. Convert it to .safetensors, or pass --allow-pickle if you trust it."
+            )
+        return Source(_from_single_file(path, config), "single_file", source)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise SourceError(f"checkpoint not found: {path}")
+        return Source(_from_single_file(path, config), "single_file", source)
+    if path.exists():
+        raise SourceError(
+            f"unsupported source {path}: expected a diffusers folder (with model_index.json), "
+            "a .safetensors checkpoint, a Hub id such as org/name, or one of: " + ", ".join(BUILTIN)
+        )
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return Source(_from_hub_cache(source), "hub", source)
+    raise SourceError(
+        f"source not found: {source!r} is neither an existing file or folder, a Hub id (org/name), "
+        "nor one of: " + ", ".join(BUILTIN)
+    )
+
+
+def _builtin(name: str):
+    from edge.converters.tiny import tiny_pipeline
+
+    default_dir = ASSETS / "default_model"
+    if name == "default" and (default_dir / "model_index.json").is_file():
+        return _from_pretrained(str(default_dir))
+    if name == "default":
+        print("note: no trained default model is shipped yet; using the tiny SD-architecture model with "
+              "RANDOM weights (it draws noise, not pictures)")
+    return tiny_pipeline()
+
+
+def _from_pretrained(where: str, **kwargs: Any):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            where, safety_checker=None, requires_safety_checker=False, local_files_only=True, **kwargs,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"cannot load Stable Diffusion model from {where}: {_first_line(e)}") from None
+    return _check_pipe(pipe, where)
+
+
+def _from_hub_cache(repo_id: str):
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise SourceError(
+            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and edge convert never "
+            f"downloads: fetch it on a connected machine (`huggingface-cli download {repo_id}`) "
+            "or pass a local diffusers folder or .safetensors file"
+        ) from None
+    return _from_pretrained(folder)
+
+
+def _from_single_file(path: Path, config: str | None):
+    from diffusers import StableDiffusionPipeline
+
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+    kwargs: dict[str, Any] = {"local_files_only": True, "safety_checker": None, "requires_safety_checker": False}
+    if config is not None:
+        kwargs["config"] = config
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as e:  # diffusers raises many types here; all mean "this file can't be read as SD"
+        hint = "" if config is not None else (
+            " (without --config the model's configs come from the Hugging Face cache; pass --config with a "
+            "diffusers folder holding its configs and tokenizer)")
+        raise SourceError(f"cannot read {path} as a Stable Diffusion checkpoint: {_first_line(e)}{hint}") from None
+    return _check_pipe(pipe, str(path))
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header only: is this a readable safetensors file with an SD UNet in the LDM layout?"""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError
+        raise SourceError(f"cannot read {path}: not a valid safetensors file (truncated or corrupt?): "
+                          f"{_first_line(e)}") from None
+    # diffusers fills a component whose weights are missing with random values without a word: refuse here.
+    for prefix, what in (("model.diffusion_model.", "UNet"), ("first_stage_model.", "VAE"),
+                         ("cond_stage_model.", "text encoder")):
+        if not any(k.startswith(prefix) for k in keys):
+            raise SourceError(
+                f"cannot read {path} as a Stable Diffusion checkpoint: it has no {what} weights (none of its "
+                f"{len(keys)} tensors is under '{prefix}', as in the original SD layout)"
+            )
+
+
+def _check_pipe(pipe, where: str):
+    for part in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
+        if getattr(pipe, part, None) is None:
+            raise SourceError(f"{where}: the model has no {part}")
+    vocab = pipe.text_encoder.config.vocab_size
+    if len(pipe.tokenizer) != vocab:  # e.g. a config folder without tokenizer/ gives a 2-token stand-in
+        raise SourceError(f"{where}: the tokenizer has {len(pipe.tokenizer)} tokens but the text encoder "
+                          f"expects {vocab}; is the tokenizer/ folder missing or from another model?")
+    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+        module.eval().to(torch.float32)
+    return pipe
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

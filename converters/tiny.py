@@ -1,0 +1,129 @@
+"""A tiny random-weight Stable Diffusion 1.x pipeline, for tests that need the real architecture.
+
+Same block structure as SD 1.5 (cross-attention UNet, 8x-downsampling VAE with 4 latent
+channels, CLIP text encoder with the real 49,408-token vocabulary and 77 positions), with
+small channel counts so building, saving and loading all take a second or two on one CPU core.
+Weights are diffusers'/transformers' default init, drawn from `seed`: outputs are finite and vary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .ldm_layout import save_single_file
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# SD 1.5's scheduler_config.json. `clip_sample` is not a PNDM option, but SD 1.5 stores it so
+# that DDIMScheduler.from_config(...) (whose default is True) does not clip.
+SD15_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+}
+
+
+def _unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,  # latent side: 64 px images
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,  # = text encoder hidden size
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 32, 32),  # 4 blocks: 3 downsamplings = 8x, as SD
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+
+
+def _text_encoder() -> CLIPTextModel:
+    config = CLIPTextConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=49408,
+        max_position_embeddings=77,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
+    """A random SD 1.x pipeline; the same `seed` always gives the same weights."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(seed)
+        unet, vae, text_encoder = _unet(), _vae(), _text_encoder()
+    scheduler = PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": prediction_type})
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write a tiny pipeline as a diffusers folder (configs, tokenizer, weights)."""
+    out_dir = Path(out_dir)
+    tiny_pipeline(prediction_type, seed).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def save_config_folder(pipe: StableDiffusionPipeline, config_dir: Path) -> Path:
+    """Write `pipe`'s configs and tokenizer without weights: the `config=` folder for from_single_file.
+
+    Weights must stay out: where the single file lacks a component's weights, diffusers would
+    otherwise load that component from this folder without a word.
+    """
+    config_dir = Path(config_dir)
+    pipe.save_pretrained(config_dir, safe_serialization=True)
+    for weights in [*config_dir.glob("*/*.safetensors"), *config_dir.glob("*/*.bin")]:
+        weights.unlink()
+    return config_dir
+
+
+def save_tiny_single_file(
+    path: Path, config_dir: Path, prediction_type: str = "epsilon", seed: int = 0
+) -> StableDiffusionPipeline:
+    """Write a tiny pipeline as an LDM-layout single file plus its weight-less config folder.
+
+    Returns the pipeline that was written, to compare against what a loader reads back.
+    """
+    pipe = tiny_pipeline(prediction_type, seed)
+    save_single_file(pipe, Path(path))
+    save_config_folder(pipe, config_dir)
+    return pipe

@@ -1,0 +1,1 @@
+"""Image analysis for evaluating generated images (no learned models)."""

@@ -1,0 +1,63 @@
+"""Numpy schedulers, one algorithm per file, each checked step by step against the diffusers scheduler it names.
+
+Usage (the caller owns the loop and the noise):
+
+    scheduler = make_scheduler("dpmpp_2m_karras", config)
+    scheduler.set_timesteps(20)
+    x = noise * scheduler.init_noise_sigma                       # (B, 4, H/8, W/8) unit Gaussian
+    for i, t in enumerate(scheduler.timesteps):
+        out = unet(scheduler.scale_model_input(x, i), t)
+        x = scheduler.step(out, i, x, noise=fresh_noise() if scheduler.needs_noise else None)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .config import SchedulerConfig, scheduler_config_from_dict
+from .ddim import DDIMScheduler
+from .dpmpp_2m import DPMPP2MKarrasScheduler, DPMPP2MScheduler
+from .euler import EulerScheduler
+from .euler_a import EulerAncestralScheduler
+from .lcm import LCMScheduler
+from .pndm import PNDMScheduler
+
+
+class Scheduler(Protocol):
+    """What every scheduler offers. step() reads only arrays set_timesteps precomputed, the index i and its
+    arguments (multistep methods also read the outputs of earlier steps, which they keep in a documented list)."""
+
+    needs_noise: bool  # True: step() wants a fresh unit-Gaussian `noise` shaped like the sample
+    timesteps: np.ndarray  # after set_timesteps: the timestep passed to the UNet at each call, (calls,)
+    init_noise_sigma: float  # after set_timesteps: multiply the initial unit-Gaussian latents by this
+
+    def set_timesteps(self, steps: int) -> None: ...
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray: ...
+
+    def step(
+        self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray: ...
+
+
+SCHEDULERS: dict[str, type] = {
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerScheduler,
+    "euler_a": EulerAncestralScheduler,
+    "dpmpp_2m": DPMPP2MScheduler,
+    "dpmpp_2m_karras": DPMPP2MKarrasScheduler,
+    "lcm": LCMScheduler,
+}
+
+
+def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
+    """The scheduler registered under `name`, for a model trained with `config`."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name](config)
+
+
+__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler", "scheduler_config_from_dict"]

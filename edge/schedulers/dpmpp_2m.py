@@ -1,0 +1,87 @@
+"""DPM-Solver++(2M): second-order multistep solver of the diffusion ODE in data-prediction form
+(Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", Algorithm 2),
+optionally on the Karras et al. 2022 sigma schedule (rho = 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import SchedulerConfig, alphas_cumprod, check_index, check_steps, predict_x0_eps, spaced_timesteps
+
+
+class DPMPP2MScheduler:
+    """Matches diffusers' DPMSolverMultistepScheduler defaults: algorithm_type="dpmsolver++", solver_order=2,
+    solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero", default spacing "linspace".
+
+    Step 0 and the last step (down to sigma = 0) are first order; the rest are second order and reuse the
+    previous step's x0. State: `x0_history[i]` holds step i's predicted x0; step(i) writes it and reads only
+    slot i - 1, and set_timesteps clears it.
+    """
+
+    needs_noise = False
+
+    def __init__(self, config: SchedulerConfig, karras: bool = False) -> None:
+        self.config = config
+        self.karras = karras  # Karras et al. 2022 sigmas (rho = 7) instead of the spaced training timesteps
+        self.alphas_cumprod = alphas_cumprod(config)  # (T,)
+        self.timesteps = np.zeros(0, dtype=np.int64)
+        self.init_noise_sigma = 1.0
+        self.x0_history: list[np.ndarray | None] = []
+
+    def set_timesteps(self, steps: int) -> None:
+        check_steps(steps, self.config)
+        train_sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # (T,) ascending in t
+        if self.karras:
+            inv_rho_max, inv_rho_min = train_sigmas[-1] ** (1 / 7), train_sigmas[0] ** (1 / 7)
+            sigmas = (inv_rho_max + np.linspace(0, 1, steps) * (inv_rho_min - inv_rho_max)) ** 7  # (steps,)
+            # The UNet gets the training t of each sigma, interpolated in log sigma and rounded (as diffusers).
+            t = np.interp(np.log(sigmas), np.log(train_sigmas), np.arange(len(train_sigmas)))
+            self.timesteps = np.round(t).astype(np.int64)  # (steps,)
+        else:
+            self.timesteps = self._spaced(steps)  # (steps,)
+            sigmas = train_sigmas[self.timesteps]  # (steps,)
+        self.sigmas = np.concatenate([sigmas, [0.0]])  # (steps + 1,)
+        alpha = (self.sigmas**2 + 1.0) ** -0.5  # (steps + 1,) VP signal scale alpha_t
+        sigma_vp = self.sigmas * alpha  # (steps + 1,) VP noise scale sigma_t
+        # First-order update x' = (sigma_t'/sigma_t) x + alpha_t' (1 - e^-h) D, with e^-h = sigmas[i+1] / sigmas[i].
+        self.coef_x = sigma_vp[1:] / sigma_vp[:-1]  # (steps,)
+        self.coef_d = alpha[1:] * (1.0 - self.sigmas[1:] / self.sigmas[:-1])  # (steps,)
+        # Second order: r = h_{i-1} / h_i, log-SNR step ratio, where lambda = -log(sigma) (undefined at sigma 0).
+        lam = -np.log(sigmas)  # (steps,)
+        self.r = np.ones(steps)  # (steps,) unused at steps 0 and steps - 1
+        self.r[1:-1] = (lam[1:-1] - lam[:-2]) / (lam[2:] - lam[1:-1])
+        self.x0_history = [None] * steps
+
+    def _spaced(self, steps: int) -> np.ndarray:
+        """diffusers spaces steps + 1 points and drops the last for "linspace" and "leading"."""
+        if self.config.timestep_spacing == "trailing":
+            return np.round(spaced_timesteps(self.config, steps, "linspace")).astype(np.int64)
+        return np.round(spaced_timesteps(self.config, steps + 1, "linspace")[:-1]).astype(np.int64)
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        check_index(i, len(self.timesteps))
+        return sample
+
+    def step(
+        self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        check_index(i, len(self.timesteps))
+        x = sample.astype(np.float64)  # (B, C, H, W)
+        alpha_prod = 1.0 / (self.sigmas[i] ** 2 + 1.0)
+        x0, _ = predict_x0_eps(model_output.astype(np.float64), x, alpha_prod, self.config.prediction_type)
+        self.x0_history[i] = x0
+        d = x0  # (B, C, H, W)
+        if 0 < i < len(self.timesteps) - 1:
+            x0_prev = self.x0_history[i - 1]
+            if x0_prev is None:
+                raise ValueError(f"DPM++(2M) step {i} needs step {i - 1}'s output; run the steps in order from 0")
+            d = x0 + 0.5 * (x0 - x0_prev) / self.r[i]  # midpoint: D0 + D1 / 2
+            self.x0_history[i - 1] = None  # no longer needed
+        return (self.coef_x[i] * x + self.coef_d[i] * d).astype(np.float32)  # (B, C, H, W)
+
+
+class DPMPP2MKarrasScheduler(DPMPP2MScheduler):
+    """DPM-Solver++(2M) on the Karras sigma schedule (diffusers: use_karras_sigmas=True)."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config, karras=True)

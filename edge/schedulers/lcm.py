@@ -1,0 +1,70 @@
+"""Latent Consistency Model multistep sampling (Luo et al. 2023, "Latent Consistency Models: Synthesizing
+High-Resolution Images with Few-Step Inference", Algorithm 3): denoise to x0 in one jump, re-noise to the next t."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import SchedulerConfig, alphas_cumprod, check_index, check_steps, predict_x0_eps
+
+_SIGMA_DATA = 0.5  # the consistency-model boundary scalings' data std (Song et al. 2023)
+
+
+class LCMScheduler:
+    """Matches diffusers' LCMScheduler: the steps are an evenly strided subset of the distillation schedule
+    t = k-1, 2k-1, ..., T-1 (k = T // original_inference_steps), so timestep_spacing and steps_offset do not apply.
+
+    step(i) needs a unit-Gaussian `noise` shaped like the sample on every step but the last, where it returns
+    the denoised x0; diffusers draws one `randn(sample.shape)` on those same steps.
+    """
+
+    needs_noise = True
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.alphas_cumprod = alphas_cumprod(config)  # (T,)
+        self.timesteps = np.zeros(0, dtype=np.int64)
+        self.init_noise_sigma = 1.0
+
+    def set_timesteps(self, steps: int) -> None:
+        cfg = self.config
+        check_steps(steps, cfg)
+        if not 1 <= cfg.original_inference_steps <= cfg.num_train_timesteps:
+            raise ValueError(
+                f"original_inference_steps must be between 1 and {cfg.num_train_timesteps}; "
+                f"got {cfg.original_inference_steps}"
+            )
+        if steps > cfg.original_inference_steps:
+            raise ValueError(
+                f"lcm steps must be at most original_inference_steps={cfg.original_inference_steps}; got {steps}"
+            )
+        k = cfg.num_train_timesteps // cfg.original_inference_steps
+        origin = np.arange(cfg.original_inference_steps, 0, -1, dtype=np.int64) * k - 1  # (orig,) descending
+        picks = np.floor(np.linspace(0, len(origin), steps, endpoint=False)).astype(np.int64)  # (steps,)
+        self.timesteps = origin[picks]  # (steps,)
+        self.alpha = self.alphas_cumprod[self.timesteps]  # (steps,)
+        self.alpha_prev = np.append(self.alpha[1:], np.nan)  # (steps,) the last step does not re-noise
+        scaled_t = self.timesteps * cfg.timestep_scaling  # (steps,)
+        self.c_skip = _SIGMA_DATA**2 / (scaled_t**2 + _SIGMA_DATA**2)  # (steps,)
+        self.c_out = scaled_t / (scaled_t**2 + _SIGMA_DATA**2) ** 0.5  # (steps,)
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        check_index(i, len(self.timesteps))
+        return sample
+
+    def step(
+        self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The consistency function f(x, t) = c_skip x + c_out x0, then x_prev = sqrt(a_prev) f + sqrt(1 - a_prev) z."""
+        check_index(i, len(self.timesteps))
+        x = sample.astype(np.float64)  # (B, C, H, W)
+        x0, _ = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
+        if self.config.clip_sample:
+            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        denoised = self.c_out[i] * x0 + self.c_skip[i] * x  # (B, C, H, W)
+        if i == len(self.timesteps) - 1:
+            return denoised.astype(np.float32)
+        if noise is None:
+            raise ValueError(f"lcm step {i} of {len(self.timesteps)} needs `noise` shaped {sample.shape}")
+        a_prev = self.alpha_prev[i]
+        return (a_prev**0.5 * denoised + (1.0 - a_prev) ** 0.5 * noise.astype(np.float64)).astype(np.float32)

@@ -1,0 +1,72 @@
+"""CLIP's byte-level BPE tokenizer, built on the `tokenizers` package from a bundle's vocab.json and merges.txt.
+
+The normaliser and pre-tokeniser are CLIP's (lower-cased, whitespace folded, CLIP's word regex), so ids
+match transformers' CLIPTokenizer, which Stable Diffusion pipelines use.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: np.ndarray  # (1, max_length) int64
+    dropped: int  # prompt tokens cut to fit max_length
+
+
+class ClipTokenizer:
+    def __init__(self, vocab_file: Path, merges_file: Path, max_length: int = 77, pad_token: str = EOS):
+        vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+        lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        for token in (BOS, EOS, pad_token):
+            if token not in vocab:
+                raise ValueError(f"{vocab_file}: token {token!r} is missing from the vocabulary")
+        bpe = models.BPE(
+            vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+            fuse_unk=False, unk_token=EOS,
+        )
+        self._tok = Tokenizer(bpe)
+        self._tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        self._tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_WORDS), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        self._tok.add_special_tokens([BOS, EOS])  # typed in a prompt, they stay one token each
+        self.max_length = max_length
+        self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+
+    def encode(self, text: str) -> Encoded:
+        """[BOS] prompt [EOS] [PAD]..., cut to max_length; `dropped` says how many prompt tokens did not fit."""
+        body = self._tok.encode(text, add_special_tokens=False).ids
+        room = self.max_length - 2
+        dropped = max(0, len(body) - room)
+        ids = [self.bos_id, *body[:room], self.eos_id]
+        ids += [self.pad_id] * (self.max_length - len(ids))
+        return Encoded(ids=np.asarray([ids], dtype=np.int64), dropped=dropped)
+
+    def encode_prompt(self, text: str, what: str = "prompt") -> np.ndarray:
+        """encode(), warning when the prompt is truncated (as diffusers does, but saying how many tokens)."""
+        enc = self.encode(text)
+        if enc.dropped:
+            warnings.warn(
+                f"{what} is longer than the text encoder's {self.max_length} tokens: "
+                f"the last {enc.dropped} tokens were dropped",
+                stacklevel=2,
+            )
+        return enc.ids

@@ -1,0 +1,1 @@
+"""Graph kernels (attention variants) chosen by explicit arguments at convert time."""
