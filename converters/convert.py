@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
-from edge.converters.onnx_export import OPSET, component_specs, export, parity
+from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity
 from edge.converters.sources import Source, open_source
 
 PARITY_MIN_PSNR_DB = 40.0  # a graph below this against torch fails the conversion
@@ -35,8 +35,11 @@ def convert(
     config: str | None = None,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    external_data_over: int = ONE_FILE_LIMIT,
     log: Callable[[str], None] = print,
 ) -> Manifest:
+    """Convert `source` into a bundle at `out`; graphs whose weights exceed `external_data_over` bytes keep
+    them in a `.data` file beside the graph (ONNX protobufs cannot exceed 2 GiB)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists; choose another -o or pass --overwrite")
@@ -48,7 +51,7 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / ".scratch").mkdir(parents=True)
     try:
-        data = _build_bundle(src, tmp, log)
+        data = _build_bundle(src, tmp, external_data_over, log)
         (tmp / ".scratch").rmdir()
         manifest = write_manifest(tmp, data)
         _move_into_place(tmp, out)
@@ -59,7 +62,7 @@ def convert(
     return manifest
 
 
-def _build_bundle(src: Source, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _build_bundle(src: Source, tmp: Path, external_data_over: int, log: Callable[[str], None]) -> dict[str, Any]:
     pipe = src.pipe
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size_multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
@@ -71,7 +74,8 @@ def _build_bundle(src: Source, tmp: Path, log: Callable[[str], None]) -> dict[st
     components: dict[str, Any] = {}
     for spec in component_specs(pipe):
         t = time.perf_counter()
-        files, parameters = export(spec, tmp / f"{spec.name}.onnx", spec.example(g, *export_hw), tmp / ".scratch")
+        files, parameters = export(spec, tmp / f"{spec.name}.onnx", spec.example(g, *export_hw), tmp / ".scratch",
+                                   external_data_over)
         check = parity(spec, files[0], spec.example(g, *parity_hw))
         if check["psnr_db"] < PARITY_MIN_PSNR_DB:
             raise ConvertError(

@@ -19,7 +19,7 @@ import torch
 from edge.metrics import max_abs_diff, psnr
 
 OPSET = 17
-ONE_FILE_LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB; above this, weights go to a .data file
+ONE_FILE_LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB; above this, weights go to a .data file by default
 
 
 class TextEncoder(torch.nn.Module):
@@ -120,8 +120,12 @@ def _dynamic_axes(spec: Spec) -> dict[str, dict[int, str]]:
     }
 
 
-def export(spec: Spec, path: Path, example: tuple[torch.Tensor, ...], scratch: Path) -> tuple[list[Path], int]:
-    """Write `spec` to `path` (plus `path.data` when large); returns the files written and the parameter count."""
+def export(spec: Spec, path: Path, example: tuple[torch.Tensor, ...], scratch: Path,
+           external_data_over: int = ONE_FILE_LIMIT) -> tuple[list[Path], int]:
+    """Write `spec` to `path`, with weights in `path.data` when they exceed `external_data_over` bytes.
+
+    Returns the files written and the parameter count.
+    """
     raw = scratch / f"{spec.name}.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
@@ -135,7 +139,7 @@ def export(spec: Spec, path: Path, example: tuple[torch.Tensor, ...], scratch: P
         )
     model = onnx.load(str(raw), load_external_data=True)
     parameters = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    large = sum(p.numel() * p.element_size() for p in spec.module.parameters()) > ONE_FILE_LIMIT
+    large = sum(t.ByteSize() for t in model.graph.initializer) > external_data_over
     data_name = path.name + ".data"
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=data_name)
     del model

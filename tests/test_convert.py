@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -78,3 +79,42 @@ def test_interrupted_convert_leaves_no_bundle(models, tmp_path):
     # and a later run succeeds in the same place
     run_edge("convert", models["folder-epsilon"], "-o", target)
     assert json.loads((target / "manifest.json").read_text())["format_version"] == 1
+
+
+def test_external_data_graphs_load_verify_and_generate(models, tmp_path):
+    """Large graphs keep weights in a .data file (forced here with a 0-byte limit); the hash covers it."""
+    from edge import Pipeline
+    from edge.converters.convert import convert
+
+    bundle = tmp_path / "b"
+    convert(str(models["folder-epsilon"]), bundle, external_data_over=0, log=lambda s: None)
+    unet = read_manifest(bundle).components["unet"]
+    assert sorted(unet.files) == ["unet.onnx", "unet.onnx.data"]
+    assert (bundle / "unet.onnx.data").stat().st_size > (bundle / "unet.onnx").stat().st_size
+    assert Pipeline.load(bundle).generate("x", steps=2).images[0].size == (64, 64)
+    data = bytearray((bundle / "unet.onnx.data").read_bytes())
+    data[-1] ^= 0xFF
+    (bundle / "unet.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="unet.onnx.data is corrupt"):
+        Pipeline.load(bundle)
+
+
+def test_hub_id_is_read_from_the_local_cache_only(models, tmp_path):
+    """A Hub id resolves through huggingface_hub's real cache layout, and never through the network."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--edge-test--tiny-sd"
+    shutil.copytree(models["folder-v_prediction"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache)}
+    proc = subprocess.run([*EDGE, "convert", "edge-test/tiny-sd", "-o", str(tmp_path / "b")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    m = read_manifest(tmp_path / "b")
+    assert m.source["kind"] == "hub" and m.prediction_type == "v_prediction"
+    proc = subprocess.run([*EDGE, "convert", "edge-test/other", "-o", str(tmp_path / "c")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "'edge-test/other' is not in the local Hugging Face cache" in proc.stderr
