@@ -20,6 +20,7 @@ import torch
 from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
 from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity
 from edge.converters.sources import Source, open_source
+from edge.schedulers import scheduler_config_from_dict
 
 PARITY_MIN_PSNR_DB = 40.0  # a graph below this against torch fails the conversion
 
@@ -97,6 +98,12 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, log: Callable
 
     tok_dir = _write_tokenizer(pipe.tokenizer, tmp / "tokenizer", tmp / ".scratch")
 
+    scheduler = json.loads(json.dumps(dict(pipe.scheduler.config), default=str))
+    try:  # refuse now, not at the first `edge generate`
+        scheduler_config_from_dict(scheduler)
+    except ValueError as e:
+        raise ConvertError(f"the model's scheduler config cannot be sampled by edge: {e}") from None
+
     hashes = "".join(c["files"][c["file"]] for c in components.values())
     te_cfg = pipe.text_encoder.config
     sample = pipe.unet.config.sample_size
@@ -106,7 +113,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, log: Callable
         "bundle_id": hashlib.sha256(hashes.encode()).hexdigest()[:12],
         "family": "sd2" if te_cfg.hidden_act == "gelu" else "sd1",
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-        "scheduler": json.loads(json.dumps(dict(pipe.scheduler.config), default=str)),
+        "scheduler": scheduler,
         "latent_channels": pipe.vae.config.latent_channels,
         "vae_scale_factor": vae_scale,
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),

@@ -76,14 +76,16 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _progress_bar(width: int = 30):
+    """A one-line bar on a terminal; in a log (not a TTY) just the closing line."""
     start = time.perf_counter()
+    live = sys.stderr.isatty()
 
     def show(i: int, total: int, _latents) -> None:
-        done = int(width * (i + 1) / total)
+        done, last = int(width * (i + 1) / total), i + 1 == total
         rate = (time.perf_counter() - start) / (i + 1)
-        end = "\n" if i + 1 == total else ""
-        print(f"\r[{'#' * done}{'.' * (width - done)}] {i + 1}/{total} {rate:.2f}s/step", end=end,
-              file=sys.stderr, flush=True)
+        if live or last:
+            print(f"\r[{'#' * done}{'.' * (width - done)}] {i + 1}/{total} {rate:.2f}s/step",
+                  end="\n" if last else "", file=sys.stderr, flush=True)
 
     return show
 

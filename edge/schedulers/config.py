@@ -21,7 +21,9 @@ class SchedulerConfig:
     beta_schedule: str = "scaled_linear"  # "linear" in beta, or "scaled_linear" (linear in sqrt(beta))
     prediction_type: str = "epsilon"  # UNet output: the noise ("epsilon") or the velocity ("v_prediction", SD 2.x 768)
     steps_offset: int = 1  # added to "leading" timesteps, so SD's last step is t = 1
-    timestep_spacing: str | None = None  # "leading" / "trailing" / "linspace"; None: the algorithm's own diffusers default
+    # "leading" / "trailing" / "linspace". None (SD 1.5's json has no such key): each class's diffusers default,
+    # "leading" for ddim and pndm, "linspace" for euler, euler_a and dpmpp_2m (lcm has its own schedule).
+    timestep_spacing: str | None = None
     set_alpha_to_one: bool = False  # DDIM/PNDM/LCM last step: alpha_prev = 1, else alphas_cumprod[0]
     clip_sample: bool = False  # DDIM/LCM: clip the predicted x0 to +-clip_sample_range
     clip_sample_range: float = 1.0  # the bound used when clip_sample
@@ -42,31 +44,25 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")
 
 
-# Keys whose diffusers defaults leave the math unchanged; any other value would change it, and we don't implement it.
+# Keys that describe a different *training* noise schedule than the one we model; a model with any other
+# value was trained differently, and sampling it with our schedules would be wrong.
 _MUST_BE_NEUTRAL = {
-    "trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False, "timestep_type": "discrete",
-    "interpolation_type": "linear", "final_sigmas_type": "zero", "sigma_min": None, "sigma_max": None,
-    "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-    "use_dynamic_shifting": False, "euler_at_final": False, "lambda_min_clipped": -float("inf"),
-}
-# Keys we read past: the sampler is chosen by name in make_scheduler (skip_prk_steps, use_karras_sigmas,
-# algorithm_type, solver_*), or they only matter when a neutral key above is switched on (thresholding, flow).
-_IGNORED = {
-    "skip_prk_steps", "use_karras_sigmas", "algorithm_type", "solver_order", "solver_type", "lower_order_final",
-    "dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type", "variance_type",
+    "trained_betas": None, "rescale_betas_zero_snr": False, "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
 }
 
 
 def scheduler_config_from_dict(d: dict) -> SchedulerConfig:
-    """Map a diffusers scheduler_config.json, key by key; keys starting with '_' are metadata and skipped."""
-    known = set(_MUST_BE_NEUTRAL) | _IGNORED | set(SchedulerConfig.__dataclass_fields__)
-    for key, value in d.items():
-        if key.startswith("_"):
-            continue
-        if key not in known:
-            raise ValueError(f"unknown scheduler config key {key!r}; known: {', '.join(sorted(known))}")
-        if key in _MUST_BE_NEUTRAL and value != _MUST_BE_NEUTRAL[key]:
-            raise ValueError(f"unsupported {key}={value!r}; supported: {_MUST_BE_NEUTRAL[key]!r}")
+    """Map a diffusers scheduler_config.json, key by key.
+
+    Other keys are the saved preferences of whichever diffusers sampler the model shipped with
+    (skip_prk_steps, use_karras_sigmas, solver_order, predict_x0, ...): the sampler here is chosen by
+    name in make_scheduler, so they are read past. Keys starting with '_' are metadata.
+    """
+    for key, neutral in _MUST_BE_NEUTRAL.items():
+        if d.get(key, neutral) not in (neutral, [], ()):
+            raise ValueError(f"unsupported scheduler config {key}={d[key]!r}: this model was trained with a "
+                             f"different noise schedule; supported: {neutral!r}")
     base = SchedulerConfig()
     return SchedulerConfig(
         num_train_timesteps=int(d.get("num_train_timesteps", base.num_train_timesteps)),

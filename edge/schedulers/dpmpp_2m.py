@@ -48,9 +48,9 @@ class DPMPP2MScheduler:
         self.coef_d = alpha[1:] * (1.0 - self.sigmas[1:] / self.sigmas[:-1])  # (steps,)
         # Second order: r = h_{i-1} / h_i, log-SNR step ratio, where lambda = -log(sigma) (undefined at sigma 0).
         lam = -np.log(sigmas)  # (steps,)
-        self.r = np.ones(steps)  # (steps,) unused at steps 0 and steps - 1
+        self.r = np.ones(len(sigmas))  # (steps,) unused at the first and last step
         self.r[1:-1] = (lam[1:-1] - lam[:-2]) / (lam[2:] - lam[1:-1])
-        self.x0_history = [None] * steps
+        self.x0_history = [None] * len(sigmas)
 
     def _spaced(self, steps: int) -> np.ndarray:
         """diffusers spaces steps + 1 points and drops the last for "linspace" and "leading"."""

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import (
-    SchedulerConfig, alphas_cumprod, check_index, check_steps, predict_x0_eps, resolved_spacing, spaced_timesteps,
-)
+from .config import check_index, predict_x0_eps
+from .euler import EulerScheduler
 
 
-class EulerAncestralScheduler:
-    """Matches diffusers' EulerAncestralDiscreteScheduler (default spacing "linspace").
+class EulerAncestralScheduler(EulerScheduler):
+    """Matches diffusers' EulerAncestralDiscreteScheduler; the schedule (sigmas, timesteps, input scaling,
+    default spacing "linspace") is Euler's.
 
     step(i) needs a unit-Gaussian `noise` shaped like the sample on every step but the last, where
     sigma_next = 0; diffusers draws one `randn(sample.shape)` on every step, the last included.
@@ -20,28 +20,11 @@ class EulerAncestralScheduler:
 
     needs_noise = True
 
-    def __init__(self, config: SchedulerConfig) -> None:
-        self.config = config
-        self.alphas_cumprod = alphas_cumprod(config)  # (T,)
-        self.timesteps = np.zeros(0, dtype=np.float64)
-        self.init_noise_sigma = 1.0
-
     def set_timesteps(self, steps: int) -> None:
-        check_steps(steps, self.config)
-        self.timesteps = spaced_timesteps(self.config, steps, "linspace")  # (steps,) float, maybe fractional
-        train_sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # (T,)
-        sigmas = np.interp(self.timesteps, np.arange(len(train_sigmas)), train_sigmas)  # (steps,)
-        self.sigmas = np.concatenate([sigmas, [0.0]])  # (steps + 1,)
+        super().set_timesteps(steps)
         s, s_next = self.sigmas[:-1], self.sigmas[1:]
-        self.sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5  # (steps,)
-        self.sigma_down = s_next**2 / s  # (steps,) = sqrt(s_next^2 - sigma_up^2)
-        sigma_max = float(sigmas.max())
-        leading = resolved_spacing(self.config, "linspace") == "leading"
-        self.init_noise_sigma = (sigma_max**2 + 1.0) ** 0.5 if leading else sigma_max
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self.timesteps))
-        return (sample / (self.sigmas[i] ** 2 + 1.0) ** 0.5).astype(np.float32)  # (B, C, H, W)
+        self.sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5  # (steps,) std of the fresh noise
+        self.sigma_down = s_next**2 / s  # (steps,) = sqrt(s_next^2 - sigma_up^2), where the Euler step lands
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
