@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarise a bundle's manifest")
     i.add_argument("bundle", type=Path)
     i.set_defaults(run=_info)
+
+    from edge.bench import add_bench_parser  # torch-free; peers run in child processes
+
+    add_bench_parser(sub)
     return p
 
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Full-size Stable Diffusion 1.5 (random weights built from the published configs), 512x512, 20 steps,
+# classifier-free guidance (UNet batch 2): edge, diffusers on torch and optimum's ONNX Runtime pipeline,
+# each in its own process, same latents. Writes results.json / results.md / results.png to $OUT.
+#
+# First run on a machine (cached afterwards under $EDGE_CACHE_DIR or ~/.cache/edge-diffusion):
+#   build SD 1.5 with random weights (~1 min, 4.3 GB on disk), `edge convert` it (~5 min, ~5 GB RAM),
+#   create optimum's virtual environment (~1 min, ~1.5 GB) and its ONNX export (~5 min).
+# Each run after that, on 2 cores: ~4 min per runtime at 20 steps; peak RAM ~7.5 GB (optimum's).
+#
+#   benchmarks/run_sd15.sh                       # all defaults
+#   STEPS=4 REPEAT=1 benchmarks/run_sd15.sh      # a quicker look
+#   PEERS=diffusers THREADS=2 OUT=bench-results/sd15-2t benchmarks/run_sd15.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+STEPS=${STEPS:-20}
+REPEAT=${REPEAT:-1}
+PEERS=${PEERS:-diffusers,optimum}
+OUT=${OUT:-bench-results/sd15-$(date +%Y%m%d-%H%M%S)}
+EXTRA=()
+if [[ -n "${THREADS:-}" ]]; then EXTRA+=(--threads "$THREADS"); fi
+if [[ -n "${MEMORY_BUDGET:-}" ]]; then EXTRA+=(--memory-budget "$MEMORY_BUDGET"); fi
+
+exec "$PYTHON" -m edge.bench --arch sd15 --random-weights --steps "$STEPS" --repeat "$REPEAT" \
+    --height 512 --width 512 --scheduler euler --guidance 7.5 --seed 0 \
+    --peers "$PEERS" --label "sd15-random-${STEPS}steps" -o "$OUT" "${EXTRA[@]}"

@@ -1,0 +1,293 @@
+"""`edge bench`: what a user choosing a device needs to know, measured the same way everywhere, with the
+runtimes they would otherwise pick run side by side on the same model, size, steps and latents.
+
+    edge bench BUNDLE [--steps N] [--height H --width W] [--repeat K] [--memory-budget 4GB] [-o DIR]
+    edge bench --arch sd15 --random-weights [...]        # a published architecture, built and cached
+    edge bench compare A/results.json B/results.json ... [-o DIR]
+
+This process never imports torch: edge is measured here, and the peers, the random-weight builds and
+the conversions each run in a child process (see bench_host), so the memory this process reports is
+edge's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edge.bench_host import (PEERS, BenchError, arch_bundle, optimum_export, optimum_python, peer_model, ratios,
+                             run_peer)
+from edge.bench_probe import system_info
+from edge.bench_run import measure_edge
+from edge.bundle import read_manifest
+
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights: bool = False, steps: int = 20,
+          height: int | None = None, width: int | None = None, repeat: int = 1, guidance: float = 7.5,
+          scheduler: str = "euler", prompt: str = DEFAULT_PROMPT, negative_prompt: str = "", seed: int = 0,
+          threads: int | None = None, memory_budget: int | None = None, peers: str = "auto",
+          peer_model_dir: Path | None = None, out: Path | None = None, label: str | None = None,
+          log: Log = _stderr) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Measure `bundle` (or the cached random-weight bundle of `arch`) and the requested peers; write
+    results.json / results.md / results.png into `out`. Returns the results and the paths written."""
+    _check_args(bundle, arch, random_weights, steps, repeat, threads, height, width, memory_budget)
+    wanted, explicit = _parse_peers(peers)
+    from edge.schedulers import SCHEDULERS
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    model = None
+    if arch is not None:
+        bundle, model = arch_bundle(arch, log)
+    manifest = read_manifest(bundle)
+    height, width = _size(manifest, height, width)
+    label = label if label is not None else (f"{arch}-random" if arch else Path(bundle).resolve().name)
+    out = Path(out) if out is not None else Path("bench-results") / f"{_slug(label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    skipped: dict[str, str] = {}
+    ready = _prepare_peers(wanted, explicit, model if peer_model_dir is None else peer_model_dir, manifest.source,
+                           skipped, log)
+    run = measure_edge(Path(bundle), prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                       scheduler=scheduler, seed=seed, height=height, width=width, repeat=repeat, threads=threads,
+                       image_path=out / "edge.png", latents_path=out / "latents.npy", log=log)
+    log(f"[edge] UNet {run['unet_call_s']['median']:.3f}s/call (median), end-to-end "
+        f"{run['end_to_end_s']['median']:.2f}s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GB")
+    runs = [run]
+    spec = {"model": None, "optimum_dir": None, "threads": threads, "scheduler": scheduler, "prompt": prompt,
+            "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance, "height": height,
+            "width": width, "repeat": repeat, "latents": str((out / "latents.npy").resolve())}
+    for peer, (python, peer_spec) in ready.items():
+        runs.append(run_peer(peer, python, {**spec, **peer_spec}, out, log))
+        if not runs[-1]["ok"]:
+            log(f"[{peer}] FAILED: {runs[-1]['error']}")
+
+    results = {
+        "schema_version": 1,
+        "kind": "edge-bench",
+        "label": label,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {"bundle": str(bundle), "arch": arch, "random_weights": random_weights, "steps": steps,
+                   "height": height, "width": width, "repeat": repeat, "guidance": guidance, "scheduler": scheduler,
+                   "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "threads": threads,
+                   "peers_requested": sorted(wanted)},
+        "system": system_info(),
+        "bundle": _bundle_info(Path(bundle), manifest),
+        "runs": runs,
+        "skipped_peers": skipped,
+        "ratios": {r["name"]: ratios(run, r) for r in runs[1:] if r["ok"]},
+        "fidelity": {"bundle_parity": {c.name: {k: c.parity.get(k) for k in ("psnr_db", "max_abs_diff", "reference")}
+                                       for c in manifest.components.values()},
+                     "image_vs_peers": _image_fidelity(out, runs)},
+        "memory_budget": {"bytes": memory_budget, "peak_rss_bytes": run["peak_rss_bytes"],
+                          "within": None if memory_budget is None else run["peak_rss_bytes"] <= memory_budget},
+    }
+    from edge.bench_report import write_results
+
+    return results, write_results(results, out)
+
+
+def _check_args(bundle, arch, random_weights, steps, repeat, threads, height, width, memory_budget) -> None:
+    if (bundle is None) == (arch is None):
+        raise ValueError("give a bundle folder, or --arch NAME --random-weights (not both)")
+    if arch is not None:
+        from edge.converters.arch import check_arch  # torch-free: names and config folders only
+
+        check_arch(arch)
+        if not random_weights:
+            raise ValueError(f"--arch {arch} needs --random-weights: no trained weights are at hand here "
+                             "(to bench real weights, `edge convert` them and pass the bundle)")
+    for name, v, low in (("steps", steps, 1), ("repeat", repeat, 1), ("threads", threads, 1),
+                         ("height", height, 1), ("width", width, 1)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ValueError(f"{name} must be a whole number >= {low}, got {v!r}")
+    if memory_budget is not None and memory_budget <= 0:
+        raise ValueError(f"memory budget must be positive, got {memory_budget!r} bytes")
+
+
+def _parse_peers(peers: str) -> tuple[set[str], bool]:
+    """'auto' (those ready here), 'none', or a comma list; returns (names, explicitly asked)."""
+    if peers == "auto":
+        return set(PEERS), False
+    if peers in ("none", ""):
+        return set(), True
+    names = {p.strip() for p in peers.split(",") if p.strip()}
+    unknown = names - set(PEERS)
+    if unknown:
+        raise ValueError(f"unknown peer(s) {', '.join(sorted(unknown))}; known: {', '.join(PEERS)} "
+                         "(or 'auto', or --no-peers)")
+    return names, True
+
+
+def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source: dict, skipped: dict[str, str],
+                   log: Log) -> dict[str, tuple[Path, dict]]:
+    """Each wanted peer's Python and model, set up before edge is measured so a failure shows up at once.
+    Explicitly asked peers that cannot run are errors; in 'auto' they are skipped with the reason."""
+    ready: dict[str, tuple[Path, dict]] = {}
+    if not wanted:
+        return ready
+    folder, why = peer_model(source, Path(model) if model is not None else None)
+    for peer in (p for p in PEERS if p in wanted):
+        if folder is None:
+            reason = f"no diffusers model for the peers: {why}"
+        elif peer == "diffusers" and importlib.util.find_spec("diffusers") is None:
+            reason = "diffusers is not installed in this environment (pip install 'edge-diffusion[convert]')"
+        else:
+            reason = ""
+        python = None
+        if not reason and peer == "diffusers":
+            python = Path(sys.executable)
+        elif not reason:
+            python, reason = optimum_python(create=explicit, log=log)
+        if reason:
+            if explicit:
+                raise BenchError(f"peer {peer} cannot run: {reason}")
+            skipped[peer] = reason
+            log(f"[{peer}] skipped: {reason}")
+            continue
+        spec = {"model": str(folder)}
+        if peer == "optimum":
+            spec["optimum_dir"] = str(optimum_export(python, folder, log))
+        ready[peer] = (python, spec)
+    return ready
+
+
+def _size(manifest, height: int | None, width: int | None) -> tuple[int, int]:
+    h = manifest.default_size[0] if height is None else height
+    w = manifest.default_size[1] if width is None else width
+    m = manifest.size_multiple
+    for what, v in (("height", h), ("width", w)):
+        if v % m:
+            raise ValueError(f"{what} {v} must be a multiple of {m} for this bundle; "
+                             f"nearest: {max(m, round(v / m) * m)}")
+    return h, w
+
+
+def _bundle_info(bundle: Path, manifest) -> dict[str, Any]:
+    return {
+        "path": str(bundle), "bundle_id": manifest.bundle_id, "family": manifest.family,
+        "prediction_type": manifest.prediction_type, "format_version": manifest.format_version,
+        "bytes_on_disk": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
+        "components": {c.name: {"bytes": c.bytes, "parameters": c.parameters, "precision": c.precision}
+                       for c in manifest.components.values()},
+        "source": manifest.source,
+    }
+
+
+def _image_fidelity(out: Path, runs: list[dict]) -> dict[str, dict]:
+    """Edge's image against each peer's, made from the same latents and scheduler."""
+    import numpy as np
+    from PIL import Image
+
+    from edge.metrics import max_abs_diff, psnr
+
+    ours = np.asarray(Image.open(out / "edge.png").convert("RGB"), dtype=np.float64)
+    found = {}
+    for r in runs[1:]:
+        if r["ok"] and (out / r["image"]).is_file():
+            theirs = np.asarray(Image.open(out / r["image"]).convert("RGB"), dtype=np.float64)
+            if theirs.shape == ours.shape:
+                found[r["name"]] = {"psnr_db": psnr(theirs, ours, peak=255.0),
+                                    "max_abs_diff": max_abs_diff(theirs, ours)}
+    return found
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '3.5GiB', '512MB', '2048M' or plain bytes; GB and GiB both mean 1024**3 (as edge prints sizes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise ValueError(f"memory budget {text!r} is not a size; use e.g. 4GB, 3.5GiB, 512MB or bytes")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "bench"
+
+
+# ---- command line: `edge bench ...` (registered by edge/cli.py) and `python -m edge.bench ...` ----
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    b = subparsers.add_parser(
+        "bench", help="measure a bundle, side by side with the runtimes a user would pick instead",
+        usage="edge bench BUNDLE [options]\n       edge bench --arch ARCH --random-weights [options]\n"
+              "       edge bench compare RESULTS.json RESULTS.json ... [-o DIR]",
+        description=__doc__.split("\n\n")[0])
+    b.add_argument("bundle", nargs="?", help="bundle folder (or the word `compare`, then result files)")
+    b.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+    b.add_argument("--arch", help="bench a published architecture (sd15, sd21, sd21-base) instead of a bundle")
+    b.add_argument("--random-weights", action="store_true", help="with --arch: random weights (built and cached "
+                   "under $EDGE_CACHE_DIR or ~/.cache/edge-diffusion)")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--height", type=int, help="default: the model's trained size")
+    b.add_argument("--width", type=int)
+    b.add_argument("--repeat", type=int, default=1, help="generations to time (default 1)")
+    b.add_argument("--guidance", type=float, default=7.5, help="> 1: classifier-free guidance, UNet batch 2")
+    b.add_argument("--scheduler", default="euler")
+    b.add_argument("--prompt", default=DEFAULT_PROMPT)
+    b.add_argument("--negative-prompt", default="")
+    b.add_argument("--seed", type=int, default=0, help="initial latents (the same for every runtime)")
+    b.add_argument("--threads", type=int, help="intra-op threads for every runtime (default: each one's own)")
+    b.add_argument("--memory-budget", help="report whether edge's peak RSS fits, e.g. 4GB")
+    b.add_argument("--peers", default="auto", help="comma list of diffusers,optimum; default auto: those ready here")
+    b.add_argument("--no-peers", action="store_true", help="measure edge only")
+    b.add_argument("--peer-model", type=Path, help="diffusers folder the peers load (default: the bundle's source)")
+    b.add_argument("--label", help="name of this run in tables and plots")
+    b.add_argument("-o", "--output", type=Path, help="results folder (default bench-results/LABEL-TIME)")
+    b.set_defaults(run=run_from_args)
+    return b
+
+
+def run_from_args(a: argparse.Namespace) -> int:
+    if a.bundle == "compare" and not Path("compare").is_dir():
+        out = a.output if a.output is not None else Path("bench-results") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        from edge.bench_report import compare
+
+        paths = compare([Path(f) for f in a.files], out)
+        print(paths["markdown"].read_text(encoding="utf-8"))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+    if a.files:
+        raise ValueError(f"unexpected argument(s) after the bundle: {' '.join(a.files)}")
+    results, paths = bench(
+        a.bundle and Path(a.bundle), arch=a.arch, random_weights=a.random_weights, steps=a.steps, height=a.height,
+        width=a.width, repeat=a.repeat, guidance=a.guidance, scheduler=a.scheduler, prompt=a.prompt,
+        negative_prompt=a.negative_prompt, seed=a.seed, threads=a.threads,
+        memory_budget=None if a.memory_budget is None else parse_size(a.memory_budget),
+        peers="none" if a.no_peers else a.peers, peer_model_dir=a.peer_model, out=a.output, label=a.label)
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 1 if any(not r["ok"] for r in results["runs"]) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m edge.bench ARGS` = `edge bench ARGS`, with the same one-line errors as the edge CLI."""
+    parser = argparse.ArgumentParser(prog="edge")
+    add_bench_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("EDGE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

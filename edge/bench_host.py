@@ -1,0 +1,230 @@
+"""Host-side work of `edge bench`, each piece in a child process so this one never imports torch and its own
+memory figures stay clean: building a published architecture with random weights and converting it
+(cached), the optimum peer's virtual environment and ONNX export (cached), and the peer runs themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edge.bench_probe import run_child, summarize
+
+Log = Callable[[str], None]
+PEERS = ("diffusers", "optimum")
+# optimum-onnx 0.1.0 needs transformers < 4.58 (and a diffusers its export code knows), so it gets its own
+# environment. torch goes first and pinned: any other route makes pip pull a multi-GB CUDA build.
+OPTIMUM_TORCH = "torch==2.13.0"
+OPTIMUM_PACKAGES = ("optimum-onnx[onnxruntime]==0.1.0", "optimum==2.1.0", "transformers==4.57.6",
+                    "diffusers==0.39.0", "huggingface-hub==0.36.2", "onnxruntime==1.32.0", "onnx==1.23.2")
+
+
+class BenchError(ValueError):
+    """A benchmark that cannot be set up; the message says what would work."""
+
+
+def cache_dir() -> Path:
+    """$EDGE_CACHE_DIR, else ~/.cache/edge-diffusion."""
+    root = os.environ.get("EDGE_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "edge-diffusion"
+
+
+def _peer_script() -> Path:
+    """converters/bench_peer.py, wherever `edge.converters` is installed (it is run by path, not imported)."""
+    spec = importlib.util.find_spec("edge.converters")
+    if spec is None or spec.origin is None:
+        raise BenchError("the peers need edge's converters package (edge.converters), which is not installed")
+    return Path(spec.origin).parent / "bench_peer.py"
+
+
+def _need_converter(what: str) -> None:
+    for module in ("torch", "diffusers", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            raise BenchError(f"{what} needs the converter extra ({module} is not installed here): "
+                             "pip install 'edge-diffusion[convert]' on a host, or bench a converted bundle")
+
+
+def _run_quiet(cmd: list[str], what: str, log_path: Path, echo: Log | None = None) -> None:
+    """Run a set-up step with its output in `log_path` (and each line through `echo`, for progress);
+    on failure, raise with the log's last lines."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as f:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}  # lines as they come, no bars
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env=env)
+        for line in proc.stdout:
+            f.write(line)
+            if echo is not None and line.strip():
+                echo(line.rstrip())
+        proc.wait()
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
+        raise BenchError(f"{what} failed (exit {proc.returncode}); full log: {log_path}\n{tail}")
+
+
+def arch_bundle(arch: str, log: Log, seed: int = 0) -> tuple[Path, Path]:
+    """The cached bundle of `arch` with random weights and the diffusers folder it came from (the peers run
+    that folder), building either when missing or when the architecture's configs changed."""
+    from edge.converters.arch import config_dir  # names and configs only; torch is imported by the children
+
+    folder = config_dir(arch)
+    _need_converter(f"--arch {arch} --random-weights")
+    digest = hashlib.sha256()
+    for f in sorted(folder.rglob("*.json")):
+        digest.update(f.relative_to(folder).as_posix().encode() + f.read_bytes())
+    stamp = {"arch": arch, "seed": seed, "configs_sha256": digest.hexdigest()}
+    root = cache_dir()
+    model, bundle = root / "models" / f"{arch}-random", root / "bundles" / f"{arch}-random"
+    stamp_file = bundle.with_name(bundle.name + ".source.json")
+    if (bundle / "manifest.json").is_file() and model.is_dir() and _read_json(stamp_file) == stamp:
+        log(f"[cache] {bundle} (random {arch})")
+        return bundle, model
+    for path in (model, bundle, stamp_file):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    logs = root / "logs"
+    partial = model.with_name(model.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    t = time.perf_counter()
+    log(f"[cache] building {arch} with random weights (fp32) -> {model}")
+    _run_quiet([sys.executable, "-m", "edge.converters.arch", arch, "--seed", str(seed), "--save", str(partial)],
+               f"building {arch}", logs / f"build-{arch}.log", echo=lambda s: log(f"[cache]   {s}"))
+    os.replace(partial, model)
+    log(f"[cache] built in {time.perf_counter() - t:.0f}s; converting -> {bundle} (minutes at full size)")
+    t = time.perf_counter()
+    _run_quiet([sys.executable, "-m", "edge.cli", "convert", str(model), "-o", str(bundle)],
+               f"converting {arch}", logs / f"convert-{arch}.log", echo=lambda s: log(f"[cache]   {s}"))
+    stamp_file.write_text(json.dumps(stamp) + "\n")
+    log(f"[cache] converted in {time.perf_counter() - t:.0f}s")
+    return bundle, model
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def peer_model(source: dict[str, Any], given: Path | None) -> tuple[Path | None, str]:
+    """The diffusers folder the peers load: `given`, else the folder the bundle was converted from.
+    (None, why) when there is none."""
+    if given is not None:
+        if not (given / "model_index.json").is_file():
+            raise BenchError(f"--peer-model {given} is not a diffusers folder (no model_index.json)")
+        return given, ""
+    name = source.get("name")
+    if source.get("kind") == "diffusers_folder" and name and (Path(name) / "model_index.json").is_file():
+        return Path(name), ""
+    return None, (f"the bundle was converted from {source.get('kind')} {name!r}, not a diffusers folder "
+                  "found on this machine; pass --peer-model DIR")
+
+
+def optimum_python(create: bool, log: Log) -> tuple[Path | None, str]:
+    """The optimum environment's Python; created (minutes, ~1 GB) only when `create`. (None, why) if absent."""
+    venv = cache_dir() / "peers" / "optimum"
+    python = venv / "bin" / "python"
+    if (venv / ".installed").is_file():
+        return python, ""
+    if not create:
+        return None, f"its environment {venv} does not exist yet (`--peers optimum` creates it)"
+    log(f"[optimum] creating {venv}: {OPTIMUM_TORCH}, then {' '.join(OPTIMUM_PACKAGES)}")
+    shutil.rmtree(venv, ignore_errors=True)
+    logs = cache_dir() / "logs" / "optimum-venv.log"
+    _run_quiet([sys.executable, "-m", "venv", str(venv)], "creating the optimum venv", logs)
+    _run_quiet([str(python), "-m", "pip", "install", "-q", OPTIMUM_TORCH], "installing torch (optimum venv)", logs)
+    _run_quiet([str(python), "-m", "pip", "install", "-q", *OPTIMUM_PACKAGES], "installing optimum", logs)
+    (venv / ".installed").write_text(json.dumps([OPTIMUM_TORCH, *OPTIMUM_PACKAGES]) + "\n")
+    return python, ""
+
+
+def optimum_export(python: Path, model: Path, log: Log) -> Path:
+    """optimum's own ONNX export of `model`, cached by the folder's path and contents' timestamps."""
+    key = hashlib.sha256(str(model.resolve()).encode())
+    for f in sorted(model.rglob("*")):
+        key.update(f"{f.relative_to(model)}:{f.stat().st_mtime_ns}".encode())
+    out = cache_dir() / "optimum" / f"{model.name}-{key.hexdigest()[:12]}"
+    if (out / "model_index.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+    log(f"[optimum] exporting {model} to ONNX with optimum -> {out}")
+    spec = out.with_name(out.name + ".spec.json")
+    spec.write_text(json.dumps({"peer": "optimum", "mode": "export", "model": str(model), "optimum_dir": str(out)}))
+    _run_quiet([str(python), str(_peer_script()), str(spec)], "optimum export",
+               cache_dir() / "logs" / "optimum-export.log")
+    spec.unlink()
+    return out
+
+
+def run_peer(peer: str, python: Path, spec: dict[str, Any], workdir: Path, log: Log) -> dict[str, Any]:
+    """One peer in a fresh process; its figures in the same shape as edge's run."""
+    spec = {**spec, "peer": peer, "mode": "run", "out_json": str(workdir / f"{peer}.raw.json"),
+            "out_png": str(workdir / f"{peer}.png")}
+    spec_path = workdir / f"{peer}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+           "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)  # the peer's own environment, nothing of ours
+    log(f"[{peer}] starting a fresh process ({python})")
+    code, sampler, t0 = run_child([str(python), str(_peer_script()), str(spec_path)], env=env)
+    raw_path = Path(spec["out_json"])
+    if code != 0 or not raw_path.is_file():
+        return {"name": peer, "ok": False, "error": f"{peer} exited with code {code} (its output is above)"}
+    raw = json.loads(raw_path.read_text(encoding="utf-8"))
+    raw_path.unlink()
+    spec_path.unlink()
+    return _normalize(raw, sampler.timeline(t0), t0, spec)
+
+
+def _normalize(raw: dict[str, Any], timeline: dict, t0: float, spec: dict[str, Any]) -> dict[str, Any]:
+    repeat, calls, totals = spec["repeat"], raw["calls"], raw["end_to_end_all"]
+
+    def per_generation(stage: str) -> list[float]:
+        n = len(calls[stage]) // repeat
+        return [sum(calls[stage][k * n : (k + 1) * n]) for k in range(repeat)] if n else []
+
+    unet = calls["unet"]
+    startup = raw["t_start"] - t0  # interpreter start-up, before the peer's first line ran
+    return {
+        "name": raw["name"], "runtime": raw["runtime"], "ok": True, "error": None, "versions": raw["versions"],
+        "execution_provider": raw["execution_provider"], "threads": raw["threads"],
+        "torch_threads": raw.get("torch_threads"),
+        "cold_start_s": raw["cold_start_s"], "import_s": raw["import_s"], "load_s": raw["load_s"],
+        "interpreter_start_s": startup,
+        "text_encoder_s": summarize(per_generation("text_encoder")),
+        "unet_call_s": {**summarize(unet), "first": unet[0] if unet else None},
+        "unet_calls_per_generation": len(unet) // repeat,
+        "unet_batch": 2 if spec["guidance"] > 1 else 1,
+        "vae_decode_s": summarize(per_generation("vae_decoder")),
+        "end_to_end_s": {**summarize(totals), "first": totals[0], "all": totals},
+        "first_image_s": raw["cold_start_s"] + totals[0],
+        "peak_rss_bytes": max(raw["peak_rss_bytes"], timeline["max_sampled_bytes"]),
+        "peak_rss_source": raw["peak_rss_source"],
+        "memory_timeline": timeline,
+        "stages": [{"stage": s, "start_s": a - t0, "end_s": b - t0} for s, a, b in raw["stage_marks"]],
+        "image": Path(spec["out_png"]).name,
+    }
+
+
+def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, float | None]:
+    """edge's figure over the peer's: below 1 means edge is faster or smaller."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    return {
+        "unet_call": ratio(ours["unet_call_s"].get("median"), peer["unet_call_s"].get("median")),
+        "end_to_end": ratio(ours["end_to_end_s"].get("median"), peer["end_to_end_s"].get("median")),
+        "peak_rss": ratio(ours["peak_rss_bytes"], peer["peak_rss_bytes"]),
+        "cold_start": ratio(ours["cold_start_s"], peer["cold_start_s"]),
+    }

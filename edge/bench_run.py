@@ -1,0 +1,131 @@
+"""One measured run of the edge runtime in this process: import, load, then `repeat` generations.
+
+Every UNet call is timed by wrapping the session objects the pipeline already holds (`pipe.sessions`),
+so the flow measured is `Pipeline.generate` itself, not a copy of it. No torch here, and not even numpy
+before the clock starts: importing the runtime is part of its cold start, as torch's is of a peer's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edge.bench_probe import RssSampler, peak_rss_self, read_rss, ru_maxrss_self, summarize
+
+Log = Callable[[str], None]
+
+
+class TimedSession:
+    """An onnxruntime session whose every `run` is timed: (start, end) wall times in `calls`."""
+
+    def __init__(self, session, stage: str, calls: list[tuple[str, float, float]]):
+        self._session, self._stage, self._calls = session, stage, calls
+
+    def run(self, *args, **kwargs):
+        t0 = time.time()
+        out = self._session.run(*args, **kwargs)
+        self._calls.append((self._stage, t0, time.time()))
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
+def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int, guidance: float,
+                 scheduler: str, seed: int, height: int, width: int, repeat: int, threads: int | None,
+                 image_path: Path, latents_path: Path, log: Log) -> dict[str, Any]:
+    """Load `bundle` and generate `repeat` times from the same initial latents, drawn from `seed` exactly
+    as `edge generate --seed` draws them and saved to `latents_path` for the peers."""
+    t0 = time.time()
+    baseline = read_rss()
+    with RssSampler() as sampler:
+        t = time.perf_counter()
+        import numpy as np
+        import onnxruntime as ort
+
+        from edge.pipeline import Pipeline
+        import_s = time.perf_counter() - t
+
+        log(f"[edge] loading {bundle}")
+        load_start = time.time()
+        t = time.perf_counter()
+        pipe = Pipeline.load(bundle, threads=threads)
+        load_s = time.perf_counter() - t
+        load_end = time.time()
+        log("[edge] sessions: " + ", ".join(f"{k} {v:.2f}s" for k, v in pipe.load_seconds.items())
+            + f" (load {load_s:.2f}s in all, sha256 checks included)")
+
+        m = pipe.manifest
+        shape = (1, m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)  # (1, C, h, w)
+        np.save(latents_path, latents)
+        calls: list[tuple[str, float, float]] = []
+        pipe.sessions = {name: TimedSession(s, name, calls) for name, s in pipe.sessions.items()}
+        totals, result = [], None
+        for k in range(repeat):
+            result = pipe.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                   scheduler=scheduler, seed=seed, height=height, width=width, latents=latents,
+                                   callback=_step_progress(f"[edge] run {k + 1}/{repeat}"))
+            totals.append(result.timings["total"])
+        end = time.time()
+    peak, peak_source = peak_rss_self()
+    result.images[0].save(image_path)
+
+    provider = next(iter(pipe.sessions.values())).get_providers()[0]
+    stage_calls = {stage: [b - a for s, a, b in calls if s == stage] for stage in pipe.sessions}
+    per_generation = {stage: _per_generation(v, repeat) for stage, v in stage_calls.items()}
+    unet_calls = stage_calls["unet"]
+    return {
+        "name": "edge",
+        "runtime": f"edge (onnxruntime {ort.__version__}, {provider.removesuffix('ExecutionProvider')})",
+        "ok": True,
+        "error": None,
+        "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
+        "execution_provider": provider,
+        "threads": threads,
+        "cold_start_s": import_s + load_s,
+        "import_s": import_s,
+        "load_s": load_s,
+        "sessions_s": dict(pipe.load_seconds),
+        "load_other_s": load_s - sum(pipe.load_seconds.values()),  # sha256 checks, manifest, tokenizer
+        "text_encoder_s": summarize(per_generation["text_encoder"]),
+        "unet_call_s": {**summarize(unet_calls), "first": unet_calls[0] if unet_calls else None},
+        "unet_calls_per_generation": len(unet_calls) // repeat,
+        "unet_batch": 2 if guidance > 1 else 1,
+        "vae_decode_s": summarize(per_generation["vae_decoder"]),
+        "end_to_end_s": {**summarize(totals), "first": totals[0], "all": totals},
+        "first_image_s": import_s + load_s + totals[0],
+        "peak_rss_bytes": peak,
+        "peak_rss_source": peak_source,
+        "ru_maxrss_bytes": ru_maxrss_self(),
+        "baseline_rss_bytes": baseline,
+        "memory_timeline": sampler.timeline(t0),
+        "stages": [{"stage": "load", "start_s": load_start - t0, "end_s": load_end - t0}]
+                  + [{"stage": s, "start_s": a - t0, "end_s": b - t0} for s, a, b in calls],
+        "wall_s": end - t0,
+        "image": image_path.name,
+    }
+
+
+def _per_generation(durations: list[float], repeat: int) -> list[float]:
+    """Sum the calls of each generation (text encoding is two calls with guidance, decoding one per image)."""
+    n = len(durations) // repeat if repeat else 0
+    return [sum(durations[k * n : (k + 1) * n]) for k in range(repeat)] if n else []
+
+
+def _step_progress(prefix: str, width: int = 24) -> Callable[[int, int, Any], None]:
+    """A one-line bar on a terminal; in a log (not a TTY) only the closing line."""
+    start = time.perf_counter()
+    live = sys.stderr.isatty()
+
+    def show(i: int, total: int, _latents) -> None:
+        last = i + 1 == total
+        if live or last:
+            done = int(width * (i + 1) / total)
+            rate = (time.perf_counter() - start) / (i + 1)
+            print(f"\r{prefix} [{'#' * done}{'.' * (width - done)}] step {i + 1}/{total} {rate:.2f}s/step",
+                  end="\n" if last else "", file=sys.stderr, flush=True)
+
+    return show

@@ -1,0 +1,212 @@
+"""`edge bench` on tiny bundles: the files it writes, the figures in them, the peers, the torch-free rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+BENCH = [sys.executable, "-m", "edge.bench"]
+HEAVY = ("torch", "diffusers", "transformers", "optimum")
+
+# Runs `edge bench` in a fresh interpreter and reports which host libraries it imported.
+NO_TORCH_SCRIPT = """
+import json, sys
+from edge.bench import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})
+print(json.dumps({{"code": code, "heavy": heavy}}))
+""".format(heavy=HEAVY)
+
+
+def run_bench(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*BENCH, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def edge_only(bundles, tmp_path_factory) -> tuple[Path, dict]:
+    """One `edge bench BUNDLE --no-peers` in a fresh interpreter: (results folder, what the script printed)."""
+    out = tmp_path_factory.mktemp("bench") / "edge-only"
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, str(bundles["folder-epsilon"]), "--steps", "3", "--repeat", "2",
+         "--no-peers", "--memory-budget", "4GB", "--label", "tiny", "-o", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_writes_json_markdown_and_png(edge_only):
+    out, printed = edge_only
+    assert printed["code"] == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["schema_version"] == 1 and r["kind"] == "edge-bench" and r["label"] == "tiny"
+    for key in ("config", "system", "bundle", "runs", "ratios", "fidelity", "memory_budget", "skipped_peers"):
+        assert key in r
+    for key in ("cpu_model", "logical_cpus", "os", "architecture"):
+        assert r["system"][key]
+    assert r["bundle"]["bytes_on_disk"] > 0 and set(r["bundle"]["components"]) >= {"unet", "text_encoder"}
+    assert r["config"]["steps"] == 3 and r["config"]["repeat"] == 2
+    assert r["memory_budget"]["within"] is True
+    assert r["fidelity"]["bundle_parity"]["unet"]["psnr_db"] > 40
+
+    (run,) = r["runs"]
+    assert run["name"] == "edge" and run["ok"] and run["execution_provider"] == "CPUExecutionProvider"
+    assert run["versions"]["onnxruntime"]
+    assert run["cold_start_s"] > 0 and all(v > 0 for v in run["sessions_s"].values())
+    unet = run["unet_call_s"]
+    assert unet["n"] == 2 * 3 and run["unet_calls_per_generation"] == 3 and run["unet_batch"] == 2
+    assert 0 < unet["min"] <= unet["median"] <= unet["p90"] <= unet["max"]
+    for stage in ("text_encoder_s", "vae_decode_s", "end_to_end_s"):
+        assert run[stage]["n"] == 2 and run[stage]["median"] > 0, stage
+    assert run["end_to_end_s"]["median"] >= run["unet_call_s"]["median"] * 3
+
+    timeline = run["memory_timeline"]
+    assert len(timeline["t_s"]) == len(timeline["rss_bytes"]) >= 2
+    peak = run["peak_rss_bytes"]
+    # The kernel's peak: at least every sample, and plausible for python + onnxruntime + a tiny model.
+    assert timeline["max_sampled_bytes"] <= peak < 2 * 2**30
+    assert 30 * 2**20 < peak and run["baseline_rss_bytes"] < peak
+    assert {s["stage"] for s in run["stages"]} == {"load", "text_encoder", "unet", "vae_decoder"}
+
+    md = (out / "results.md").read_text()
+    assert "| edge (onnxruntime" in md and "UNet s/call median" in md and "fits" in md
+    with Image.open(out / "results.png") as im:
+        assert im.format == "PNG" and im.width >= 800
+    with Image.open(out / "edge.png") as im:
+        assert im.size == (64, 64)
+    assert (out / "latents.npy").is_file()
+
+
+def test_bench_without_peers_never_imports_torch(edge_only):
+    _, printed = edge_only
+    assert printed["heavy"] == []
+
+
+def test_compare_two_results(edge_only, tmp_path):
+    out, _ = edge_only
+    other = json.loads((out / "results.json").read_text())
+    other["label"] = "tiny-again"
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    proc = run_bench("compare", out / "results.json", tmp_path / "b.json", "-o", tmp_path / "cmp")
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "tiny-again" in md and md.count("| tiny") == 2
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["schema_version"] == 1
+    with Image.open(tmp_path / "cmp" / "compare.png") as im:
+        assert im.format == "PNG"
+
+
+def test_diffusers_peer_gives_ratios_and_fidelity(bundles, tmp_path):
+    out = tmp_path / "peers"
+    proc = run_bench(bundles["folder-epsilon"], "--steps", "2", "--peers", "diffusers", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "[diffusers]" in proc.stderr  # progress, as it runs
+    r = json.loads((out / "results.json").read_text())
+    names = [run["name"] for run in r["runs"]]
+    assert names == ["edge", "diffusers"]
+    peer = r["runs"][1]
+    assert peer["ok"] and "torch" in peer["versions"] and peer["unet_call_s"]["n"] == 2
+    assert peer["peak_rss_bytes"] > 100 * 2**20  # torch alone is more than that
+    assert len(peer["memory_timeline"]["t_s"]) >= 2
+    q = r["ratios"]["diffusers"]
+    for key in ("unet_call", "end_to_end", "peak_rss", "cold_start"):
+        assert q[key] > 0, key
+    assert q["peak_rss"] == pytest.approx(r["runs"][0]["peak_rss_bytes"] / peer["peak_rss_bytes"])
+    assert r["fidelity"]["image_vs_peers"]["diffusers"]["psnr_db"] > 30  # same latents, same scheduler
+
+
+def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
+    from edge.bench_host import cache_dir
+
+    venv = cache_dir() / "peers" / "optimum"
+    if not (venv / ".installed").is_file():
+        pytest.skip(f"the optimum peer's environment {venv} does not exist (creating it takes minutes: "
+                    "`edge bench BUNDLE --peers optimum` does it once)")
+    cache = tmp_path / "cache"
+    (cache / "peers").mkdir(parents=True)
+    (cache / "peers" / "optimum").symlink_to(venv)  # the venv, but exports go to this test's own cache
+    proc = run_bench(bundles["folder-epsilon"], "--steps", "2", "--peers", "optimum", "-o", tmp_path / "o",
+                     env={**os.environ, "EDGE_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [run["name"] for run in r["runs"]] == ["edge", "optimum"]
+    assert r["runs"][1]["execution_provider"] == "CPUExecutionProvider" and r["ratios"]["optimum"]["unet_call"] > 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["/no/such/bundle"], "bundle not found"),
+    (["BUNDLE", "--steps", "0"], "steps must be a whole number >= 1, got 0"),
+    (["--arch", "sd99", "--random-weights"], "unknown arch 'sd99'; available: sd15, sd21, sd21-base"),
+    (["--arch", "sdxl", "--random-weights"], "not supported yet"),
+    (["--arch", "sd15"], "needs --random-weights"),
+    (["BUNDLE", "--peers", "onnx"], "unknown peer(s) onnx; known: diffusers, optimum"),
+    (["BUNDLE", "--memory-budget", "lots"], "is not a size"),
+    (["compare", "nothing.json", "nothing2.json"], "no bench results at nothing.json"),
+])
+def test_bad_input_gives_one_clear_error(bundles, args, expected):
+    args = [str(bundles["folder-epsilon"]) if a == "BUNDLE" else a for a in args]
+    proc = run_bench(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
+def test_edge_cli_registers_bench():
+    proc = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    if "invalid choice" in proc.stderr:
+        pytest.skip("edge/cli.py does not register `edge bench` yet (add_bench_parser)")
+    assert proc.returncode == 0 and "--random-weights" in proc.stdout
+
+
+def test_size_and_statistics_helpers():
+    from edge.bench import parse_size
+    from edge.bench_probe import summarize
+
+    assert parse_size("4GB") == parse_size("4 GiB") == 4 * 2**30
+    assert parse_size("512MB") == 512 * 2**20 and parse_size("1000") == 1000
+    s = summarize([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (3.0, 1.0, 5.0, 5)
+    assert s["p90"] == pytest.approx(4.6)  # numpy.percentile(..., 90)
+
+
+@pytest.mark.parametrize("arch, counts", [
+    ("sd15", {"unet": 859.52e6, "text_encoder": 123.06e6, "vae": 83.65e6}),
+    ("sd21", {"unet": 865.91e6, "text_encoder": 340.39e6, "vae": 83.65e6}),
+])
+def test_build_random_has_the_published_parameter_counts(arch, counts):
+    from edge.converters.arch import build_random, parameter_counts
+
+    pipe = build_random(arch, device="meta")  # the modules, without allocating 4 GB of weights
+    assert pipe.unet.device.type == "meta"
+    got = parameter_counts(pipe)
+    for name, n in counts.items():
+        assert got[name] == pytest.approx(n, rel=1e-3), name
+
+
+@pytest.mark.parametrize("arch, pad, prediction, size", [
+    ("sd15", "<|endoftext|>", "epsilon", 64), ("sd21", "!", "v_prediction", 96), ("sd21-base", "!", "epsilon", 64),
+])
+def test_config_folders_are_diffusers_config_folders(arch, pad, prediction, size):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from edge.converters.arch import config_dir
+
+    folder = config_dir(arch)
+    index = StableDiffusionPipeline.load_config(folder)
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["safety_checker"] == [None, None]
+    assert UNet2DConditionModel.load_config(folder, subfolder="unet")["sample_size"] == size
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == prediction
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert tok.pad_token == pad and len(tok) == 49408
+    assert not list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.bin"))
