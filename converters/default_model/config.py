@@ -31,7 +31,7 @@ class UnetConfig:
 
 @dataclass(frozen=True)
 class VaeConfig:
-    channels: tuple[int, ...] = (16, 32, 64, 64)  # four levels = 8x downsampling, as in SD
+    channels: tuple[int, ...] = (16, 32, 48, 48)  # four levels = 8x downsampling, as in SD
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_groups: int = 8
@@ -49,9 +49,11 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 0  # seeds torch, the scene sampler and the caption sampler
     threads: int = 1  # torch intra-op threads
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_batch: int = 8  # small batches: more updates per second, which this stage is short of
+    vae_lr: float = 2e-3
     kl_weight: float = 1e-4  # on the mean per-element KL; small, only to keep latents tame
+    object_weight: float = 4.0  # extra loss weight on pixels unlike the background (objects are ~8% of pixels)
+    init_logvar: float = -6.0  # initial posterior log-variance: start with informative latent samples
     unet_batch: int = 32
     unet_lr: float = 5e-4  # the text encoder trains with the UNet, at the same rate
     warmup_steps: int = 100  # linear warm-up, then cosine decay to lr_floor * lr
@@ -61,9 +63,10 @@ class TrainConfig:
     ema_decay: float = 0.999  # of the UNet and text encoder weights; 0 turns it off
     two_object_prob: float = 0.25  # share of two-object scenes in training
     pool_max: int = 20000  # most scenes whose latents are precomputed for the UNet stage
+    pool_reuse: int = 8  # UNet samples per pooled scene (captions and latent samples still vary)
     # Share of the time budget for each stage; the latent pool and saving take the rest.
-    vae_share: float = 0.22
-    unet_share: float = 0.72
+    vae_share: float = 0.30
+    unet_share: float = 0.64
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.caption_dropout < 1.0:
