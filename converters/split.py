@@ -1,0 +1,233 @@
+"""Cut one ONNX graph (the UNet) into sequential chunks that each load and run alone.
+
+A device whose memory cannot hold the whole UNet runs it chunk by chunk, loading one chunk's weights at a
+time, as Apple's `chunk_mlprogram.py` does for Core ML. Chunks are balanced by weight bytes, because weights
+are what must fit; among the cut points near each balanced position, the one crossed by the fewest live
+tensors wins, because every crossing tensor is an extra output to hold and an extra input to feed.
+
+Cuts follow the graph's topological order. Graph inputs (timestep, encoder_hidden_states) are inputs of
+every chunk that reads them; an activation made in chunk i and read in chunk j > i + 1 is an output of
+chunk i and an input of chunk j. Weight-only nodes (Constant, Identity of an initializer, ...) are copied
+into every chunk that reads them, so constants never cross a cut.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx.external_data_helper import load_external_data_for_tensor
+
+from edge.converters.onnx_export import ONE_FILE_LIMIT
+
+WINDOW = 0.1  # a cut may sit this fraction of an even share of weights away from its balanced position
+
+
+def split_graph(
+    model_path: Path | str,
+    out_dir: Path | str,
+    *,
+    n: int | None = None,
+    max_chunk_bytes: int | None = None,
+    prefix: str = "unet",
+    external_data_over: int = ONE_FILE_LIMIT,
+) -> list[dict]:
+    """Write `model_path` as `n` chunks, or as the fewest whose weights each fit `max_chunk_bytes`.
+
+    Files are `out_dir/{prefix}_chunk{i}.onnx`. Returns per chunk, in run order: file, files (with external
+    data), inputs and outputs ({name, dtype, shape}; shape entries are ints or named dynamic dims, which
+    onnx shape inference calls `unk__N` where it cannot carry a name through an op),
+    graph_outputs (the original outputs it makes), weight_bytes and nodes.
+    """
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    if (n is None) == (max_chunk_bytes is None):
+        raise ValueError(f"split_graph: give exactly one of n or max_chunk_bytes (got n={n}, "
+                         f"max_chunk_bytes={max_chunk_bytes})")
+    model = onnx.load(str(model_path), load_external_data=False)  # weights are read chunk by chunk
+    plan = _Plan(model)
+    if n is not None:
+        if not 1 <= n <= len(plan.nodes):
+            raise ValueError(f"split_graph: n={n}; {model_path.name} can be cut into 1..{len(plan.nodes)} chunks")
+        cuts = plan.cuts(n)
+    else:
+        cuts = _fit(plan, max_chunk_bytes, model_path.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bounds = [0, *cuts, len(plan.nodes)]
+    return [
+        _write_chunk(model, plan, bounds[i], bounds[i + 1], out_dir / f"{prefix}_chunk{i}.onnx",
+                     model_path.parent, external_data_over)
+        for i in range(len(bounds) - 1)
+    ]
+
+
+def run_chunks(chunks: Sequence[dict], feeds: dict[str, np.ndarray], folder: Path | str) -> dict[str, np.ndarray]:
+    """Run chunks in order, one session alive at a time; returns the original graph's outputs by name."""
+    import onnxruntime as ort
+
+    env = dict(feeds)
+    last_use = {t["name"]: i for i, c in enumerate(chunks) for t in c["inputs"]}
+    results: dict[str, np.ndarray] = {}
+    for i, chunk in enumerate(chunks):
+        session = ort.InferenceSession(str(Path(folder) / chunk["file"]), providers=["CPUExecutionProvider"])
+        names = [t["name"] for t in chunk["outputs"]]
+        got = session.run(names, {t["name"]: env[t["name"]] for t in chunk["inputs"]})
+        del session
+        env.update(zip(names, got))
+        results.update({k: env[k] for k in chunk["graph_outputs"]})
+        env = {k: v for k, v in env.items() if last_use.get(k, -1) > i}  # drop what no later chunk reads
+    return results
+
+
+class _Plan:
+    """The graph's computing nodes in order, the weight bytes each brings, and the tensors crossing each cut."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.all = list(model.graph.node)  # nodes are referred to by index into this list
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.graph_outputs = [v.name for v in model.graph.output]
+        # weight-only nodes: every input is an initializer or made by another weight-only node
+        self.const_producer: dict[str, int] = {}
+        for k, node in enumerate(self.all):
+            if all(i == "" or i in self.inits or i in self.const_producer for i in node.input):
+                self.const_producer.update({o: k for o in node.output})
+        self.nodes = [k for k, node in enumerate(self.all) if node.output[0] not in self.const_producer]
+        self.types = _value_types(model)
+
+        made_at = {o: i for i, k in enumerate(self.nodes) for o in self.all[k].output}
+        last_use = {name: len(self.nodes) for name in self.graph_outputs}  # outputs cross every later cut
+        seen: set[str] = set()
+        weight = []  # bytes of the weights each node is first to read
+        for i, k in enumerate(self.nodes):
+            for name in self.all[k].input:
+                if name in made_at:
+                    last_use[name] = max(last_use.get(name, 0), i)
+            new = self.weights_of([k]) - seen
+            seen |= new
+            weight.append(sum(self._bytes(w) for w in new))
+        self.cum = np.concatenate([[0], np.cumsum(weight)])  # cum[p]: weight before cut p
+        live = np.zeros(len(self.nodes) + 2, dtype=np.int64)  # difference arrays over cut positions
+        untyped = np.zeros(len(self.nodes) + 2, dtype=np.int64)
+        for name, i in made_at.items():
+            if last_use.get(name, i) > i:  # live across cuts i + 1 ..= last use
+                live[i + 1] += 1
+                live[last_use[name] + 1] -= 1
+                untyped[i + 1] += name not in self.types
+                untyped[last_use[name] + 1] -= name not in self.types
+        # a tensor without a known type cannot be declared as a chunk input: never cut across one
+        self.crossing = np.where(np.cumsum(untyped) > 0, np.iinfo(np.int64).max // 2, np.cumsum(live))
+
+    def closure(self, ks: Sequence[int]) -> list[int]:
+        """The weight-only nodes that nodes `ks` read, directly or through each other, in graph order."""
+        found: set[int] = set()
+        stack = [i for k in ks for i in self.all[k].input if i in self.const_producer]
+        while stack:
+            k = self.const_producer[stack.pop()]
+            if k not in found:
+                found.add(k)
+                stack += [i for i in self.all[k].input if i in self.const_producer]
+        return sorted(found)
+
+    def weights_of(self, ks: Sequence[int]) -> set[str]:
+        """Initializers and Constant outputs that nodes `ks` need."""
+        nodes = [self.all[k] for k in (*self.closure(ks), *ks)]
+        return ({i for node in nodes for i in node.input if i in self.inits}
+                | {node.output[0] for node in nodes if node.op_type == "Constant"})
+
+    def _bytes(self, name: str) -> int:
+        if name in self.inits:
+            return _tensor_bytes(self.inits[name])
+        values = [a.t for a in self.all[self.const_producer[name]].attribute if a.name == "value"]
+        return _tensor_bytes(values[0]) if values else 0
+
+    def chunk_bytes(self, start: int, stop: int) -> int:
+        return sum(self._bytes(w) for w in self.weights_of(self.nodes[start:stop]))
+
+    def cuts(self, n: int) -> list[int]:
+        """n - 1 cut positions: near k/n of the weights, fewest crossing tensors, then nearest, then earliest."""
+        share = self.cum[-1] / n
+        cuts: list[int] = []
+        for k in range(1, n):
+            lo, hi = (cuts[-1] if cuts else 0) + 1, len(self.nodes) - (n - k)  # leave a node for each chunk
+            positions = np.arange(lo, hi + 1)
+            distance = np.abs(self.cum[positions] - k * share)
+            window = positions[distance <= max(WINDOW * share, distance.min())]
+            cuts.append(int(min(window, key=lambda p: (self.crossing[p], abs(self.cum[p] - k * share), p))))
+        return cuts
+
+
+def _fit(plan: _Plan, max_chunk_bytes: int, name: str) -> list[int]:
+    biggest = max(plan.chunk_bytes(i, i + 1) for i in range(len(plan.nodes)))
+    if max_chunk_bytes < biggest:
+        raise ValueError(f"split_graph: max_chunk_bytes={max_chunk_bytes} is below the {biggest} bytes of the "
+                         f"largest single node of {name}; no split fits")
+    for n in range(max(1, math.ceil(plan.cum[-1] / max_chunk_bytes)), len(plan.nodes) + 1):
+        cuts = plan.cuts(n)
+        bounds = [0, *cuts, len(plan.nodes)]
+        if all(plan.chunk_bytes(a, b) <= max_chunk_bytes for a, b in zip(bounds, bounds[1:])):
+            return cuts
+    raise AssertionError("one node per chunk always fits")
+
+
+def _write_chunk(model: onnx.ModelProto, plan: _Plan, start: int, stop: int, path: Path, base_dir: Path,
+                 external_data_over: int) -> dict:
+    ks = plan.nodes[start:stop]
+    nodes = [plan.all[k] for k in ks]
+    made = {o for node in nodes for o in node.output}
+    later = {i for k in plan.nodes[stop:] for i in plan.all[k].input}
+    inputs = list(dict.fromkeys(i for node in nodes for i in node.input
+                                if i and i not in made and i not in plan.inits and i not in plan.const_producer))
+    outputs = [o for node in nodes for o in node.output if o in later or o in plan.graph_outputs]
+    inits = []
+    for name in sorted(plan.weights_of(ks) & set(plan.inits)):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(plan.inits[name])
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        inits.append(tensor)
+    graph = onnx.helper.make_graph(
+        [plan.all[k] for k in (*plan.closure(ks), *ks)], path.stem,
+        [plan.types[i] for i in inputs], [plan.types[o] for o in outputs], inits,
+    )
+    chunk = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
+                                   producer_name="edge-diffusion split")
+    weight_bytes = plan.chunk_bytes(start, stop)
+    external = weight_bytes > external_data_over
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(chunk, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
+    del chunk, graph, inits
+    onnx.checker.check_model(str(path))
+    return {
+        "file": path.name,
+        "files": [path.name, *([path.name + ".data"] if external else [])],
+        "inputs": [_describe(plan.types[i]) for i in inputs],
+        "outputs": [_describe(plan.types[o]) for o in outputs],
+        "graph_outputs": [o for o in outputs if o in plan.graph_outputs],
+        "weight_bytes": weight_bytes,
+        "nodes": len(nodes),
+    }
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Type and shape of every tensor, symbolic dims kept (onnx names the ones it cannot name `unk__N`)."""
+    inferred = onnx.shape_inference.infer_shapes(model)  # weights are not loaded: small at any model size
+    types = {v.name: v for v in inferred.graph.value_info if v.type.tensor_type.elem_type}
+    types.update({v.name: v for v in (*model.graph.input, *model.graph.output)})  # the export's own names
+    return types
+
+
+def _describe(value: onnx.ValueInfoProto) -> dict:
+    t = value.type.tensor_type
+    shape = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+             if t.HasField("shape") else None)  # None: rank unknown
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
