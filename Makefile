@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/edge convert default -o $(BUILD)/default-bundle --overwrite
 	$(BIN)/edge generate $(BUILD)/default-bundle "$(PROMPT)" --steps 20 --seed 0 -o $(BUILD)/demo.png
+	$(BIN)/python -m edge.eval.read $(BUILD)/demo.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
