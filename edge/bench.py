@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import re
 import sys
 import time
@@ -274,19 +273,9 @@ def run_from_args(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m edge.bench ARGS` = `edge bench ARGS`, with the same one-line errors as the edge CLI."""
-    parser = argparse.ArgumentParser(prog="edge")
-    add_bench_parser(parser.add_subparsers())
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except (ValueError, OSError) as e:
-        if os.environ.get("EDGE_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from edge.cli import main as edge_main
+
+    return edge_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
