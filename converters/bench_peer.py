@@ -20,7 +20,7 @@ from pathlib import Path
 
 T_START = time.time()  # before the heavy imports, which are part of a peer's cold start
 
-SCHEDULERS = {  # edge scheduler name -> the diffusers scheduler each edge one is checked against
+SCHEDULERS = {  # a copy of edge.schedulers.DIFFUSERS_EQUIVALENT: this file runs in peer venvs without edge
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),

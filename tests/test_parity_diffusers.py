@@ -8,16 +8,16 @@ import torch
 
 from edge import Pipeline
 from edge.metrics import psnr
+from edge.schedulers import DIFFUSERS_EQUIVALENT
 
 PROMPT, NEGATIVE, STEPS = "a red circle on a blue background", "blurry", 8
 
 
 def _diffusers_scheduler(name: str, config):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    import diffusers
 
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    return {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}[name].from_config(config)
+    cls, overrides = DIFFUSERS_EQUIVALENT[name]
+    return getattr(diffusers, cls).from_config(config, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,9 @@ import pytest
 torch = pytest.importorskip("torch")  # the reference side only: the `convert` extra
 diffusers = pytest.importorskip("diffusers")
 
-from edge.schedulers import SCHEDULERS, SchedulerConfig, make_scheduler, scheduler_config_from_dict  # noqa: E402
+from edge.schedulers import (  # noqa: E402
+    DIFFUSERS_EQUIVALENT, SCHEDULERS, SchedulerConfig, make_scheduler, scheduler_config_from_dict,
+)
 from edge.schedulers.config import alphas_cumprod  # noqa: E402
 
 torch.set_num_threads(1)
@@ -46,15 +48,7 @@ CONFIGS = {
         "clip_sample_range": 1.5, "original_inference_steps": 25, "timestep_scaling": 0.05,
     },
 }
-REFERENCE = {  # our name -> (diffusers class name, extra config)
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
+REFERENCE = DIFFUSERS_EQUIVALENT  # our name -> (diffusers class name, extra config)
 SHAPE = (2, 4, 8, 8)  # (B, C, H, W)
 STEP_RTOL = 1e-5  # lockstep, on diffusers' own alphas_cumprod
 INPUT_FLOOR = 1e-6  # lockstep: float32 rounding of a cancelling step's input, relative to the input's norm

@@ -53,6 +53,19 @@ SCHEDULERS: dict[str, type] = {
 }
 
 
+# Each scheduler here is checked against this diffusers scheduler (class name, config overrides); plain
+# strings, so the runtime stays torch-free. converters/bench_peer.py keeps a copy: it runs where edge isn't.
+DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
 def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
     """The scheduler registered under `name`, for a model trained with `config`."""
     if name not in SCHEDULERS:
@@ -60,4 +73,4 @@ def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
     return SCHEDULERS[name](config)
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler", "scheduler_config_from_dict"]
+__all__ = ["DIFFUSERS_EQUIVALENT", "SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler", "scheduler_config_from_dict"]
