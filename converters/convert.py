@@ -13,16 +13,61 @@ import os
 import shutil
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
+from edge.kernels.processor import use_attention
+from edge.memory_profile import PROFILED, profile_component
 from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity
+from edge.converters.quantize import PRECISIONS, mixed_precision, psnr_parity, quantize
 from edge.converters.sources import Source, open_source
+from edge.converters.split import run_chunks, split_graph
+from edge.metrics import psnr
 from edge.schedulers import scheduler_config_from_dict
 
 PARITY_MIN_PSNR_DB = 40.0  # a graph below this against torch fails the conversion
+CHUNKS_MIN_PSNR_DB = 60.0  # chained UNet chunks against the whole graph
+# Lowest PSNR against the fp32 graph before layers are kept at fp32 (mixed precision), by precision.
+MIN_PSNR_VS_FP32 = {"fp16": 40.0, "int8": 30.0, "int4": 25.0}
+# Which components each precision stores lower; the rest stay fp32. int8/int4 convert MatMul/Gemm
+# weights, which the VAE (convolutions) hardly has: it stays fp32 there.
+QUANTIZED = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+             "int8": ("text_encoder", "unet"), "int4": ("text_encoder", "unet")}
+ATTENTION_KERNELS = ("original", "sliced", "split_einsum")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to make of the model, beyond a faithful fp32 export."""
+
+    attention: str = "original"  # kernels/attention.py: original, sliced, split_einsum (UNet and VAE)
+    attention_chunk: int | None = None  # query rows per slice, for "sliced"
+    precision: str = "fp32"  # fp32, fp16, int8, int4
+    quantize_ops: tuple[str, ...] | None = None  # int8/int4 op types (default MatMul, Gemm)
+    min_psnr_db: float | None = None  # vs fp32, below which layers are kept at fp32 (default by precision)
+    split_unet: int | None = None  # UNet chunks
+    max_chunk_mb: float | None = None  # or: the fewest chunks under this many MB of weights each
+    profile_memory: bool = True  # measure every graph for the memory planner
+    threads: int | None = None  # onnxruntime threads for the memory probes
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConvertError(f"unknown attention kernel {self.attention!r}; choose one of {ATTENTION_KERNELS}")
+        if self.attention == "sliced" and (self.attention_chunk is None or self.attention_chunk < 1):
+            raise ConvertError("--attention sliced needs --attention-chunk N (query rows per slice, N >= 1)")
+        if self.attention != "sliced" and self.attention_chunk is not None:
+            raise ConvertError(f"--attention-chunk applies to --attention sliced, not {self.attention!r}")
+        if self.precision not in PRECISIONS:
+            raise ConvertError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.split_unet is not None and self.max_chunk_mb is not None:
+            raise ConvertError("give --split-unet N or --max-chunk-mb M, not both")
+        if self.split_unet is not None and self.split_unet < 1:
+            raise ConvertError(f"--split-unet {self.split_unet}: expected a number of chunks >= 1")
+        if self.max_chunk_mb is not None and self.max_chunk_mb <= 0:
+            raise ConvertError(f"--max-chunk-mb {self.max_chunk_mb}: expected a positive size")
 
 
 class ConvertError(ValueError):
@@ -37,10 +82,14 @@ def convert(
     allow_pickle: bool = False,
     overwrite: bool = False,
     external_data_over: int = ONE_FILE_LIMIT,
+    options: Options = Options(),
+    score: bool = False,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Convert `source` into a bundle at `out`; graphs whose weights exceed `external_data_over` bytes keep
-    them in a `.data` file beside the graph (ONNX protobufs cannot exceed 2 GiB)."""
+    them in a `.data` file beside the graph (ONNX protobufs cannot exceed 2 GiB). `options` picks the attention
+    kernel, precision and UNet split; `score` runs the default model's fidelity evaluation on the result and
+    records it in the manifest (meaningful for models trained on edge.eval's scenes)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists; choose another -o or pass --overwrite")
@@ -52,9 +101,12 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / ".scratch").mkdir(parents=True)
     try:
-        data = _build_bundle(src, tmp, external_data_over, log)
-        (tmp / ".scratch").rmdir()
+        data = _build_bundle(src, tmp, external_data_over, options, log)
+        shutil.rmtree(tmp / ".scratch")
         manifest = write_manifest(tmp, data)
+        if score:
+            data["fidelity"] = _score(tmp, log)
+            manifest = write_manifest(tmp, data)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +115,8 @@ def convert(
     return manifest
 
 
-def _build_bundle(src: Source, tmp: Path, external_data_over: int, log: Callable[[str], None]) -> dict[str, Any]:
+def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Options,
+                  log: Callable[[str], None]) -> dict[str, Any]:
     pipe = src.pipe
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size_multiple = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
@@ -71,30 +124,59 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, log: Callable
     export_hw = (2 * m, 2 * m)  # small example: dynamic axes make the graphs size-independent
     parity_hw = (2 * m, 3 * m)  # checked at another, non-square size
     g = torch.Generator().manual_seed(0)
+    attention = {"kernel": options.attention, "chunk": options.attention_chunk}
 
     components: dict[str, Any] = {}
     for spec in component_specs(pipe):
         t = time.perf_counter()
-        files, parameters = export(spec, tmp / f"{spec.name}.onnx", spec.example(g, *export_hw), tmp / ".scratch",
-                                   external_data_over)
-        check = parity(spec, files[0], spec.example(g, *parity_hw))
+        path = tmp / f"{spec.name}.onnx"
+        model = _attention_model(pipe, spec.name)
+        if model is not None:
+            default_processors = model.attn_processors
+            use_attention(model, options.attention, options.attention_chunk)
+        files, parameters = export(spec, path, spec.example(g, *export_hw), tmp / ".scratch", external_data_over)
+        if model is not None:
+            model.set_attn_processor(default_processors)  # parity against diffusers' own attention
+        parity_inputs = spec.example(g, *parity_hw)
+        check = parity(spec, files[0], parity_inputs)
         if check["psnr_db"] < PARITY_MIN_PSNR_DB:
             raise ConvertError(
                 f"{spec.name}: the ONNX graph does not match torch (PSNR {check['psnr_db']:.1f} dB < "
                 f"{PARITY_MIN_PSNR_DB} dB, max-abs-diff {check['max_abs_diff']:.3g})"
             )
+        feeds = {i["name"]: x.numpy() for i, x in zip(spec.inputs, parity_inputs)}
+        record: dict[str, Any] = {"precision": "fp32", "quantization": {}}
+        if options.precision in QUANTIZED and spec.name in QUANTIZED[options.precision]:
+            record = _lower_precision(path, feeds, options, external_data_over, tmp / ".scratch")
+            files = [tmp / f for f in record["quantization"]["files"]]
+        chunks = None
+        if spec.name == "unet" and (options.split_unet or options.max_chunk_mb):
+            chunks, files = _split(path, feeds, options, external_data_over)
+            record["split"] = {"chunks": len(chunks), "psnr_vs_whole_db": chunks[0].pop("psnr_vs_whole_db")}
         components[spec.name] = {
             "file": files[0].name,
             "files": {f.name: sha256_file(f) for f in files},
             "bytes": sum(f.stat().st_size for f in files),
-            "precision": "fp32",
             "parameters": parameters,
             "inputs": spec.inputs,
             "outputs": spec.outputs,
             "parity": check,
+            "attention": attention if model is not None else {},
+            **record,
+            **({"chunks": chunks} if chunks else {}),
         }
+        extra = record["quantization"].get("psnr_vs_fp32_db")
         log(f"  {spec.name:<12} {parameters / 1e6:8.2f}M params  PSNR {check['psnr_db']:6.1f} dB  "
-            f"max|diff| {check['max_abs_diff']:.2e}  {time.perf_counter() - t:.1f}s")
+            f"max|diff| {check['max_abs_diff']:.2e}"
+            + (f"  {record['precision']} {extra:.1f} dB vs fp32" if extra is not None else "")
+            + (f"  {len(chunks)} chunks" if chunks else "") + f"  {time.perf_counter() - t:.1f}s")
+
+    if options.profile_memory:
+        sample = pipe.unet.config.sample_size
+        latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
+        for name in PROFILED:
+            components[name]["memory"] = profile_component(tmp, {"name": name, **components[name]}, latent_hw,
+                                                           m, options.threads, log)
 
     tok_dir = _write_tokenizer(pipe.tokenizer, tmp / "tokenizer", tmp / ".scratch")
 
@@ -136,6 +218,84 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, log: Callable
             "onnx_opset": OPSET,
         },
     }
+
+
+def _attention_model(pipe, name: str):
+    """The diffusers model whose attention layers a component's graph contains (the VAE has one mid-block
+    attention), or None (the text encoder's causal CLIP attention is transformers', and short)."""
+    if name == "unet":
+        return pipe.unet
+    if name.startswith("vae") and any(True for _ in _attention_layers(pipe.vae)):
+        return pipe.vae
+    return None
+
+
+def _attention_layers(model):
+    from diffusers.models.attention_processor import Attention
+
+    return (m for m in model.modules() if isinstance(m, Attention))
+
+
+def _lower_precision(path: Path, feeds: dict, options: Options, external_data_over: int,
+                     scratch: Path) -> dict[str, Any]:
+    """Replace the fp32 graph at `path` by its `options.precision` copy; keep layers at fp32 if needed."""
+    fp32 = scratch / path.name
+    for f in [path, path.with_name(path.name + ".data")]:
+        if f.exists():
+            os.replace(f, scratch / f.name)
+    min_psnr = options.min_psnr_db if options.min_psnr_db is not None else MIN_PSNR_VS_FP32[options.precision]
+    kwargs = {"external_data_over": external_data_over}
+    if options.quantize_ops and options.precision in ("int8", "int4"):
+        kwargs["ops"] = options.quantize_ops
+    result = mixed_precision(fp32, path, options.precision, psnr_parity(fp32, feeds), min_psnr, **kwargs)
+    report = result["quantize"]
+    for f in scratch.iterdir():
+        f.unlink()
+    return {
+        "precision": options.precision if not result["kept_groups"] else f"{options.precision}+fp32",
+        "quantization": {
+            "precision": options.precision,
+            "psnr_vs_fp32_db": round(result["psnr_db"], 2),
+            "psnr_all_quantized_db": round(result["psnr_all_quantized_db"], 2),
+            "min_psnr_db": min_psnr,
+            "kept_fp32_groups": result["kept_groups"],  # mixed precision: the most sensitive layers
+            "kept_fp32_nodes": len(result["kept_fp32"]),
+            **{k: report[k] for k in ("ops", "weight_type", "block_size", "nodes_converted", "bytes_before",
+                                      "bytes_after", "files") if k in report},
+        },
+    }
+
+
+def _split(path: Path, feeds: dict, options: Options, external_data_over: int) -> tuple[list[dict], list[Path]]:
+    """Cut the UNet graph at `path` into chunks beside it, check the chain against it, drop the whole graph."""
+    max_bytes = None if options.max_chunk_mb is None else int(options.max_chunk_mb * 1e6)
+    chunks = split_graph(path, path.parent, n=options.split_unet, max_chunk_bytes=max_bytes, prefix="unet",
+                         external_data_over=external_data_over)
+    import onnxruntime as ort
+
+    whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    chained = run_chunks(chunks, feeds, path.parent)["noise_pred"]
+    db = psnr(whole, chained)
+    if db < CHUNKS_MIN_PSNR_DB:
+        raise ConvertError(f"unet: the {len(chunks)} chained chunks do not match the whole graph "
+                           f"(PSNR {db:.1f} dB < {CHUNKS_MIN_PSNR_DB} dB)")
+    for f in [path, path.with_name(path.name + ".data")]:
+        f.unlink(missing_ok=True)
+    files = [path.parent / f for c in chunks for f in c["files"]]
+    chunks[0]["psnr_vs_whole_db"] = round(db, 2)
+    return chunks, files
+
+
+def _score(bundle: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The default model's fidelity yardstick (edge.eval) on the finished bundle."""
+    from edge.eval.fidelity import evaluate_bundle
+
+    t = time.perf_counter()
+    report = evaluate_bundle(bundle, scheduler="euler", guidance=5.0, steps=25)
+    log(f"  fidelity: all-correct {100 * report['all']['all']:.1f}%, held-out {100 * report['held_out']['all']:.1f}% "
+        f"({time.perf_counter() - t:.0f}s)")
+    return {k: report[k] for k in ("steps", "guidance", "scheduler", "seed", "prompts", "all", "held_out", "seen",
+                                   "two_object") if k in report}
 
 
 def _write_tokenizer(tokenizer, out: Path, scratch: Path) -> Path:

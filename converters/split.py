@@ -86,12 +86,13 @@ class _Plan:
 
     def __init__(self, model: onnx.ModelProto):
         self.all = list(model.graph.node)  # nodes are referred to by index into this list
+        self.reads = [_reads(node) for node in self.all]  # inputs, with what Loop/If bodies read from outside
         self.inits = {t.name: t for t in model.graph.initializer}
         self.graph_outputs = [v.name for v in model.graph.output]
         # weight-only nodes: every input is an initializer or made by another weight-only node
         self.const_producer: dict[str, int] = {}
         for k, node in enumerate(self.all):
-            if all(i == "" or i in self.inits or i in self.const_producer for i in node.input):
+            if all(i == "" or i in self.inits or i in self.const_producer for i in self.reads[k]):
                 self.const_producer.update({o: k for o in node.output})
         self.nodes = [k for k, node in enumerate(self.all) if node.output[0] not in self.const_producer]
         self.types = _value_types(model)
@@ -101,7 +102,7 @@ class _Plan:
         seen: set[str] = set()
         weight = []  # bytes of the weights each node is first to read
         for i, k in enumerate(self.nodes):
-            for name in self.all[k].input:
+            for name in self.reads[k]:
                 if name in made_at:
                     last_use[name] = max(last_use.get(name, 0), i)
             new = self.weights_of([k]) - seen
@@ -122,19 +123,19 @@ class _Plan:
     def closure(self, ks: Sequence[int]) -> list[int]:
         """The weight-only nodes that nodes `ks` read, directly or through each other, in graph order."""
         found: set[int] = set()
-        stack = [i for k in ks for i in self.all[k].input if i in self.const_producer]
+        stack = [i for k in ks for i in self.reads[k] if i in self.const_producer]
         while stack:
             k = self.const_producer[stack.pop()]
             if k not in found:
                 found.add(k)
-                stack += [i for i in self.all[k].input if i in self.const_producer]
+                stack += [i for i in self.reads[k] if i in self.const_producer]
         return sorted(found)
 
     def weights_of(self, ks: Sequence[int]) -> set[str]:
         """Initializers and Constant outputs that nodes `ks` need."""
-        nodes = [self.all[k] for k in (*self.closure(ks), *ks)]
-        return ({i for node in nodes for i in node.input if i in self.inits}
-                | {node.output[0] for node in nodes if node.op_type == "Constant"})
+        ks = (*self.closure(ks), *ks)
+        return ({i for k in ks for i in self.reads[k] if i in self.inits}
+                | {self.all[k].output[0] for k in ks if self.all[k].op_type == "Constant"})
 
     def _bytes(self, name: str) -> int:
         if name in self.inits:
@@ -176,8 +177,8 @@ def _write_chunk(model: onnx.ModelProto, plan: _Plan, start: int, stop: int, pat
     ks = plan.nodes[start:stop]
     nodes = [plan.all[k] for k in ks]
     made = {o for node in nodes for o in node.output}
-    later = {i for k in plan.nodes[stop:] for i in plan.all[k].input}
-    inputs = list(dict.fromkeys(i for node in nodes for i in node.input
+    later = {i for k in plan.nodes[stop:] for i in plan.reads[k]}
+    inputs = list(dict.fromkeys(i for k in ks for i in plan.reads[k]
                                 if i and i not in made and i not in plan.inits and i not in plan.const_producer))
     outputs = [o for node in nodes for o in node.output if o in later or o in plan.graph_outputs]
     inits = []
@@ -212,6 +213,18 @@ def _write_chunk(model: onnx.ModelProto, plan: _Plan, start: int, stop: int, pat
         "weight_bytes": weight_bytes,
         "nodes": len(nodes),
     }
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs plus the outer-scope tensors its subgraphs (Loop, If, Scan bodies) use by name."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            inner = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for sub in g.node:
+                names += [i for i in _reads(sub) if i and i not in inner]
+                inner |= set(sub.output)
+    return list(dict.fromkeys(names))
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

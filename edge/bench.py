@@ -24,6 +24,7 @@ from edge.bench_host import (PEERS, BenchError, arch_bundle, optimum_export, opt
                              run_peer)
 from edge.bench_probe import system_info
 from edge.bench_run import measure_edge
+from edge.plan import parse_bytes
 from edge.bundle import read_manifest
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
@@ -62,7 +63,8 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
                            skipped, log)
     run = measure_edge(Path(bundle), prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                        scheduler=scheduler, seed=seed, height=height, width=width, repeat=repeat, threads=threads,
-                       image_path=out / "edge.png", latents_path=out / "latents.npy", log=log)
+                       image_path=out / "edge.png", latents_path=out / "latents.npy", log=log,
+                       memory_budget=memory_budget)
     log(f"[edge] UNet {run['unet_call_s']['median']:.3f}s/call (median), end-to-end "
         f"{run['end_to_end_s']['median']:.2f}s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GB")
     runs = [run]
@@ -205,11 +207,8 @@ def _image_fidelity(out: Path, runs: list[dict]) -> dict[str, dict]:
 
 
 def parse_size(text: str) -> int:
-    """'4GB', '3.5GiB', '512MB', '2048M' or plain bytes; GB and GiB both mean 1024**3 (as edge prints sizes)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not match:
-        raise ValueError(f"memory budget {text!r} is not a size; use e.g. 4GB, 3.5GiB, 512MB or bytes")
-    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+    """'4GB', '3.5GiB', '512MB' or bytes (edge.plan.parse_bytes: GB and GiB both mean 1024**3)."""
+    return parse_bytes(text)
 
 
 def _slug(text: str) -> str:
@@ -239,7 +238,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--negative-prompt", default="")
     b.add_argument("--seed", type=int, default=0, help="initial latents (the same for every runtime)")
     b.add_argument("--threads", type=int, help="intra-op threads for every runtime (default: each one's own)")
-    b.add_argument("--memory-budget", help="report whether edge's peak RSS fits, e.g. 4GB")
+    b.add_argument("--memory-budget", help="run edge under this budget (its memory planner) and report whether "
+                   "its peak RSS fits, e.g. 4GB")
     b.add_argument("--peers", default="auto", help="comma list of diffusers,optimum; default auto: those ready here")
     b.add_argument("--no-peers", action="store_true", help="measure edge only")
     b.add_argument("--peer-model", type=Path, help="diffusers folder the peers load (default: the bundle's source)")

@@ -1,7 +1,7 @@
 """One measured run of the edge runtime in this process: import, load, then `repeat` generations.
 
-Every UNet call is timed by wrapping the session objects the pipeline already holds (`pipe.sessions`),
-so the flow measured is `Pipeline.generate` itself, not a copy of it. No torch here, and not even numpy
+Every graph run is timed by the pipeline itself (`Pipeline.timed_calls`), so the flow measured is
+`Pipeline.generate` itself, not a copy of it, whether its components stay resident or not. No torch here, and not even numpy
 before the clock starts: importing the runtime is part of its cold start, as torch's is of a peer's.
 """
 
@@ -17,25 +17,9 @@ from edge.bench_probe import RssSampler, peak_rss_self, read_rss, ru_maxrss_self
 Log = Callable[[str], None]
 
 
-class TimedSession:
-    """An onnxruntime session whose every `run` is timed: (start, end) wall times in `calls`."""
-
-    def __init__(self, session, stage: str, calls: list[tuple[str, float, float]]):
-        self._session, self._stage, self._calls = session, stage, calls
-
-    def run(self, *args, **kwargs):
-        t0 = time.time()
-        out = self._session.run(*args, **kwargs)
-        self._calls.append((self._stage, t0, time.time()))
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self._session, name)
-
-
 def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int, guidance: float,
                  scheduler: str, seed: int, height: int, width: int, repeat: int, threads: int | None,
-                 image_path: Path, latents_path: Path, log: Log) -> dict[str, Any]:
+                 image_path: Path, latents_path: Path, log: Log, memory_budget: str | None = None) -> dict[str, Any]:
     """Load `bundle` and generate `repeat` times from the same initial latents, drawn from `seed` exactly
     as `edge generate --seed` draws them and saved to `latents_path` for the peers."""
     t0 = time.time()
@@ -51,7 +35,7 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         log(f"[edge] loading {bundle}")
         load_start = time.time()
         t = time.perf_counter()
-        pipe = Pipeline.load(bundle, threads=threads)
+        pipe = Pipeline.load(bundle, threads=threads, memory_budget=memory_budget)
         load_s = time.perf_counter() - t
         load_end = time.time()
         log("[edge] sessions: " + ", ".join(f"{k} {v:.2f}s" for k, v in pipe.load_seconds.items())
@@ -62,7 +46,7 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)  # (1, C, h, w)
         np.save(latents_path, latents)
         calls: list[tuple[str, float, float]] = []
-        pipe.sessions = {name: TimedSession(s, name, calls) for name, s in pipe.sessions.items()}
+        pipe.timed_calls = calls
         totals, result = [], None
         for k in range(repeat):
             result = pipe.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
@@ -73,8 +57,8 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
     peak, peak_source = peak_rss_self()
     result.images[0].save(image_path)
 
-    provider = next(iter(pipe.sessions.values())).get_providers()[0]
-    stage_calls = {stage: [b - a for s, a, b in calls if s == stage] for stage in pipe.sessions}
+    provider = pipe.providers[0]
+    stage_calls = {stage: [b - a for s, a, b in calls if s == stage] for stage in ("text_encoder", "unet", "vae_decoder")}
     per_generation = {stage: _per_generation(v, repeat) for stage, v in stage_calls.items()}
     unet_calls = stage_calls["unet"]
     return {
@@ -93,7 +77,9 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         "text_encoder_s": summarize(per_generation["text_encoder"]),
         "unet_call_s": {**summarize(unet_calls), "first": unet_calls[0] if unet_calls else None},
         "unet_calls_per_generation": len(unet_calls) // repeat,
-        "unet_batch": 2 if guidance > 1 else 1,
+        "unet_batch": (pipe.plan.guidance_batch if guidance > 1 else 1) * latents.shape[0],
+        "memory_budget": memory_budget,
+        "plan": pipe.plan.describe() if pipe.plan is not None and pipe.plan.stages else None,
         "vae_decode_s": summarize(per_generation["vae_decoder"]),
         "end_to_end_s": {**summarize(totals), "first": totals[0], "all": totals},
         "first_image_s": import_s + load_s + totals[0],

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attention, quantization, UNet chunks, memory measurements
 MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
@@ -40,6 +40,24 @@ class Component:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     parity: dict[str, Any]  # max_abs_diff, psnr_db against the torch module
+    chunks: tuple["Chunk", ...] = ()  # a split graph's pieces in run order; `file` is then the first one
+    memory: dict[str, Any] = field(default_factory=dict)  # measured by edge.memprobe; read by edge.plan
+    attention: dict[str, Any] = field(default_factory=dict)  # {"kernel", "chunk"} the graph was exported with
+    quantization: dict[str, Any] = field(default_factory=dict)  # what was stored lower, PSNR vs fp32
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        """Graph files in run order: the chunks of a split graph, else the one graph."""
+        return tuple(c.file for c in self.chunks) or (self.file,)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a split graph: it reads `inputs` (graph inputs or earlier chunks' outputs)."""
+
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,11 @@ def _component(name: str, d: dict[str, Any]) -> Component:
         inputs=tuple(_tensor(t) for t in d["inputs"]),
         outputs=tuple(_tensor(t) for t in d["outputs"]),
         parity=dict(d.get("parity", {})),
+        chunks=tuple(Chunk(c["file"], tuple(t["name"] for t in c["inputs"]), tuple(t["name"] for t in c["outputs"]))
+                     for c in d.get("chunks", ())),
+        memory=dict(d.get("memory", {})),
+        attention=dict(d.get("attention", {})),
+        quantization=dict(d.get("quantization", {})),
     )
 
 

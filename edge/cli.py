@@ -1,4 +1,4 @@
-"""`edge`: convert, generate, info. Thin: parse, then call library functions with keywords."""
+"""`edge`: convert, generate, plan, info, bench. Thin: parse, then call library functions with keywords."""
 
 from __future__ import annotations
 
@@ -30,11 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(a: argparse.Namespace) -> int:
     try:
-        from edge.converters.convert import convert
+        from edge.converters.convert import Options, convert
     except ImportError as e:
         raise ValueError(f"edge convert needs the converter extra ({e.name} is missing): "
                          "pip install 'edge-diffusion[convert]'") from None
-    convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite)
+    ops = None if a.quantize_ops is None else tuple(o.strip() for o in a.quantize_ops.split(",") if o.strip())
+    options = Options(attention=a.attention, attention_chunk=a.attention_chunk, precision=a.precision,
+                      quantize_ops=ops, min_psnr_db=a.min_psnr, split_unet=a.split_unet,
+                      max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads)
+    convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
+            options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
     return 0
 
@@ -43,7 +48,10 @@ def _generate(a: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
     from edge.png import save_png
 
-    pipe = Pipeline.load(a.bundle, threads=a.threads)
+    pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget)
+    if a.memory_budget is not None:
+        plan = pipe.plan_for(*_size(pipe, a), num_images=a.num_images, guided=a.guidance > 1)
+        print(plan.describe(), file=sys.stderr)
     result = pipe.generate(
         a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
@@ -61,15 +69,44 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _size(pipe, a: argparse.Namespace) -> tuple[int, int]:
+    h, w = pipe.manifest.default_size
+    return (a.height or h), (a.width or w)
+
+
+def _plan(a: argparse.Namespace) -> int:
+    from edge.pipeline import Pipeline
+
+    # Opened as `edge generate` opens it, graphs not loaded: the process it plans for is the same.
+    pipe = Pipeline.load(a.bundle, memory_budget=a.memory_budget, preload=False, verify=False)
+    h, w = _size(pipe, a)
+    plan = pipe.plan_for(h, w, num_images=a.num_images, guided=a.guidance > 1)
+    print(f"{a.bundle}: {w}x{h}, {a.num_images} image(s), guidance {a.guidance}")
+    print(plan.describe())
+    return 0
+
+
+def _profile(a: argparse.Namespace) -> int:
+    from edge.memory_profile import reprofile
+
+    reprofile(a.bundle, threads=a.threads)
+    print(f"measured {a.bundle} on this machine; `edge plan` now uses these numbers")
+    return 0
+
+
 def _info(a: argparse.Namespace) -> int:
     m = read_manifest(a.bundle)
     print(f"bundle {a.bundle}  id {m.bundle_id}  format v{m.format_version}")
     print(f"family {m.family}  prediction {m.prediction_type}  default size {m.default_size[1]}x{m.default_size[0]}"
           f"  (multiples of {m.size_multiple})  source {m.source.get('name')} ({m.source.get('kind')})")
-    print(f"{'component':<13}{'precision':>10}{'params':>11}{'size':>11}{'PSNR dB':>9}{'max|diff|':>11}")
+    print(f"{'component':<13}{'precision':>10}{'params':>11}{'size':>11}{'PSNR dB':>9}{'vs fp32':>9}"
+          f"{'chunks':>7}  attention")
     for c in m.components.values():
+        vs32 = c.quantization.get("psnr_vs_fp32_db")
+        kernel = c.attention.get("kernel", "-") + (f" ({c.attention['chunk']})" if c.attention.get("chunk") else "")
         print(f"{c.name:<13}{c.precision:>10}{c.parameters / 1e6:>10.2f}M{format_bytes(c.bytes):>11}"
-              f"{c.parity.get('psnr_db', float('nan')):>9.1f}{c.parity.get('max_abs_diff', float('nan')):>11.2e}")
+              f"{c.parity.get('psnr_db', float('nan')):>9.1f}{'-' if vs32 is None else f'{vs32:.1f}':>9}"
+              f"{len(c.chunks) or 1:>7}  {kernel}")
     total = sum(c.bytes for c in m.components.values())
     print(f"total {format_bytes(total)}")
     return 0
@@ -101,6 +138,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="diffusers folder or cached Hub id with the configs of a single-file checkpoint")
     c.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickles (they can run code)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    c.add_argument("--attention", default="original", help="attention kernel: original, sliced, split_einsum")
+    c.add_argument("--attention-chunk", type=int, help="query rows per slice for --attention sliced")
+    c.add_argument("--precision", default="fp32", help="fp32, fp16, int8 or int4 weights")
+    c.add_argument("--quantize-ops", help="op types whose weights int8/int4 convert (default MatMul,Gemm; "
+                   "int8 may add Conv,Gather)")
+    c.add_argument("--min-psnr", type=float, help="PSNR vs fp32 below which the most sensitive layers stay "
+                   "fp32 (default: fp16 40, int8 30, int4 25 dB)")
+    c.add_argument("--split-unet", type=int, metavar="N", help="cut the UNet into N chunks")
+    c.add_argument("--max-chunk-mb", type=float, metavar="M", help="or: the fewest chunks of at most M MB")
+    c.add_argument("--no-memory-profile", action="store_true", help="skip measuring the graphs' memory "
+                   "(the bundle then cannot be planned for a budget)")
+    c.add_argument("--threads", type=int, help="onnxruntime threads for the memory measurements")
+    c.add_argument("--score", action="store_true", help="score the result with the default model's "
+                   "evaluation set (edge.eval) and record it in the manifest")
     c.set_defaults(run=_convert)
 
     g = sub.add_parser("generate", help="generate images from a prompt")
@@ -116,7 +167,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     g.add_argument("-o", "--output", default="out.png", help="PNG path (an index is added for several images)")
+    g.add_argument("--memory-budget", help="stay within this much memory, e.g. 4GB (see `edge plan`)")
     g.set_defaults(run=_generate)
+
+    pl = sub.add_parser("plan", help="print how a bundle would run within a memory budget, before loading it")
+    pl.add_argument("bundle", type=Path)
+    pl.add_argument("--memory-budget", required=True, help="e.g. 4GB, 1.5GiB, 2048MB")
+    pl.add_argument("--height", type=int)
+    pl.add_argument("--width", type=int)
+    pl.add_argument("--num-images", type=int, default=1)
+    pl.add_argument("--guidance", type=float, default=7.5)
+    pl.set_defaults(run=_plan)
+
+    pr = sub.add_parser("profile", help="measure a bundle's memory on this machine, for `edge plan`")
+    pr.add_argument("bundle", type=Path)
+    pr.add_argument("--threads", type=int)
+    pr.set_defaults(run=_profile)
 
     i = sub.add_parser("info", help="summarise a bundle's manifest")
     i.add_argument("bundle", type=Path)

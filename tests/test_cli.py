@@ -88,7 +88,7 @@ def test_newer_format_version_is_refused(bundles, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["format_version"] = 99
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    _fails("info", bundle, expect="bundle format version 99 is newer than this runtime reads (1)")
+    _fails("info", bundle, expect="bundle format version 99 is newer than this runtime reads (2)")
 
 
 def test_unsupported_sources(tmp_path):

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import EDGE, REPO, run_edge
+from edge.bundle import FORMAT_VERSION
 from edge.bundle import COMPONENTS, read_manifest, sha256_file
 
 
@@ -77,7 +78,7 @@ def test_interrupted_convert_leaves_no_bundle(models, tmp_path):
             assert not list(tmp_path.glob(".bundle.partial-*"))
     # and a later run succeeds in the same place
     run_edge("convert", models["folder-epsilon"], "-o", target)
-    assert json.loads((target / "manifest.json").read_text())["format_version"] == 1
+    assert json.loads((target / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_external_data_graphs_load_verify_and_generate(models, tmp_path):

@@ -1,0 +1,96 @@
+"""Measure a bundle's graphs in memory (edge.memprobe, one child process per sample) for the manifest.
+
+`edge convert` runs it on the host; `edge profile BUNDLE` runs it again on a device and rewrites the
+manifest's measurements, so `edge plan` there adds up that device's own numbers. No torch here.
+
+The runtime's planner (edge.plan) turns these numbers into a plan for a budget, so they are taken
+the way the runtime runs: onnxruntime on CPU, arena off, the graphs chained as the pipeline chains
+them. UNet and VAE decoder are measured at three (latent size, batch) points and their activations
+fitted as c + B * (a * P + b * P^2); the text encoder runs at one fixed shape.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Callable
+
+from edge.memprobe import fit_activation, probe
+
+PROFILED = ("text_encoder", "unet", "vae_decoder")  # what `edge generate` loads
+MIN_SIDE = 32  # latent pixels
+
+
+def samples_for(name: str, latent_hw: tuple[int, int], multiple: int) -> list[tuple[int, int, int]]:
+    """(latent h, latent w, batch) points to measure a component at; `multiple` keeps UNet sizes valid.
+
+    At the model's default size and smaller, but never below 32 latent pixels a side: activations of a tiny
+    model at its own size are within RSS noise, and a fit through noise extrapolates to nonsense."""
+    h, w = (max(d, MIN_SIDE) for d in latent_hw)
+
+    def scaled(f: float) -> tuple[int, int]:
+        return max(multiple, round(h * f / multiple) * multiple), max(multiple, round(w * f / multiple) * multiple)
+
+    if name == "text_encoder":
+        return [(h, w, 1)]
+    if name == "unet":
+        return [(h, w, 1), (h, w, 2), (*scaled(0.5), 1)]
+    return [(h, w, 1), (*scaled(0.75), 1), (*scaled(0.5), 1)]
+
+
+def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int], multiple: int,
+                      threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """The `memory` entry of a component's manifest record."""
+    name = component["name"]
+    chunks = component.get("chunks") or [{"file": component["file"],
+                                          "inputs": component["inputs"]}]
+    files = [bundle / c["file"] for c in chunks]
+    reads = [[t["name"] for t in c["inputs"]] for c in chunks]
+    runs = []
+    for h, w, batch in samples_for(name, latent_hw, multiple):
+        dims = {"batch": batch, "height": h, "width": w}
+        inputs = {t["name"]: {"dtype": t["dtype"], "shape": [dims.get(d, d) if isinstance(d, str) else d
+                                                             for d in t["shape"]]}
+                  for t in component["inputs"]}
+        runs.append(((h * w if name != "text_encoder" else 0), batch, probe(files, inputs, reads, threads)))
+        log(f"    memory {name} {h}x{w} latent, batch {batch}: " + ", ".join(
+            f"resident {g['resident'] / 2**20:.0f} MiB, activation {g['activation'] / 2**20:.0f} MiB"
+            for g in runs[-1][2]))
+    graphs = []
+    for k, f in enumerate(files):
+        measured = [(pixels, batch, r[k]) for pixels, batch, r in runs]
+        largest = max(measured, key=lambda m: max(m[0], 1) * m[1])
+        graphs.append({
+            "file": f.name,
+            "load_peak": max(m[2]["load_peak"] for m in measured),
+            "resident": max(m[2]["resident"] for m in measured),
+            "activation": fit_activation([{"pixels": p, "batch": b, "bytes": m["activation"]} for p, b, m in measured]),
+            "carry_fit": {"a": largest[2]["carry"] / max(largest[0] * largest[1], 1)},  # bytes per pixel and batch
+            "samples": [{"pixels": p, "batch": b, **{k2: m[k2] for k2 in ("load_peak", "resident", "activation",
+                                                                            "carry")}} for p, b, m in measured],
+        })
+    return {"graphs": graphs, "probe": {"threads": threads, "machine": platform.machine(),
+                                        "system": platform.system(), "onnxruntime": _ort_version()}}
+
+
+def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str], None] = print) -> None:
+    """Measure a finished bundle on this machine and rewrite its manifest's `memory` entries (atomically)."""
+    import json
+
+    from edge.bundle import MANIFEST, read_manifest, write_manifest
+
+    bundle = Path(bundle)
+    m = read_manifest(bundle)
+    data = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+    latent = tuple(d // m.vae_scale_factor for d in m.default_size)
+    multiple = m.size_multiple // m.vae_scale_factor
+    for name in PROFILED:
+        record = data["components"][name]
+        record["memory"] = profile_component(bundle, {"name": name, **record}, latent, multiple, threads, log)
+    write_manifest(bundle, data)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,195 @@
+"""The memory planner: how to run a bundle inside a memory budget, decided before anything is loaded.
+
+The bundle's manifest carries what each graph costs on a device, measured by the converter
+(`edge.memprobe`): RSS while loading, resident after loading, and activations as a function of latent
+size and batch. A plan is the fastest way of running that fits; the options, from free to costly:
+
+1. resident   every component stays loaded (the unconstrained run: no reloads between images),
+2. staged     each stage loads its component and frees it afterwards: text encoder freed before
+              denoising, VAE decoder loaded after it,
+3. guidance   one batch-2 UNet call per step, or two batch-1 calls (half the UNet activations),
+4. chunks     a split UNet's chunks loaded one at a time for every call (only one chunk resident),
+5. tiles      the VAE decodes the latents in overlapping tiles (activations of one tile).
+
+Each stage takes the first of its options that fits; a budget no plan meets is refused with the
+smallest budget that would work.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from edge.bundle import Component, Manifest
+from edge.memory import format_bytes
+from edge.memprobe import activation_bytes
+
+_UNITS = {"": 1, "B": 1, **{p + s: 1024 ** (i + 1) for i, p in enumerate("KMGT") for s in ("", "B", "IB")}}
+VAE_TILES = (64, 48, 32, 24, 16, 12, 8, 6, 4)  # latent pixels per tile side, tried largest first
+
+
+class BudgetError(ValueError):
+    """No plan fits the memory budget (or the bundle cannot be planned)."""
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'4GB', '3.5GiB', '2048MB', '2G' or bytes; GB and GiB both mean 1024**3, as edge prints sizes (and
+    /usr/bin/time counts KiB)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"memory budget {text!r} is not a size; use e.g. 4GB, 1.5GiB or 2048MB")
+        value, unit = float(m.group(1)), m.group(2).upper()
+    n = int(value * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"memory budget {text!r} must be positive")
+    return n
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # text_encoder, unet, vae_decoder
+    peak: int  # bytes, whole process
+    detail: str  # what runs, in words
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int | None
+    resident: bool  # all components loaded once and kept; else each stage loads and frees its own
+    guidance_batch: int  # UNet batch per call with guidance: 2 (one call) or 1 (two calls)
+    unet_per_call: bool  # load the UNet's chunks one at a time for every call
+    vae_tile: int | None  # latent pixels per tile side; None decodes whole
+    vae_overlap: int
+    base: int  # process RSS before any graph is loaded
+    stages: tuple[Stage, ...] = field(default=())
+
+    @property
+    def peak(self) -> int:
+        return max(s.peak for s in self.stages)
+
+    def describe(self) -> str:
+        budget = "none" if self.budget is None else format_bytes(self.budget)
+        lines = [f"memory budget {budget}; estimated peak {format_bytes(self.peak)} "
+                 f"(process before loading: {format_bytes(self.base)})",
+                 "components: " + ("all resident" if self.resident else
+                                   "loaded per stage, freed after (text encoder before denoising, "
+                                   "VAE decoder after it)")]
+        lines += [f"  {s.name:<13} peak {format_bytes(s.peak):>9}  {s.detail}" for s in self.stages]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Graphs:
+    """One component's measured graphs (several for a split UNet), in run order."""
+
+    load_peak: tuple[int, ...]
+    resident: tuple[int, ...]
+    activation: tuple[dict, ...]
+    carry: tuple[dict, ...]
+
+    @classmethod
+    def of(cls, c: Component) -> "_Graphs":
+        graphs = c.memory.get("graphs") if c.memory else None
+        if not graphs:
+            raise BudgetError(f"{c.name}: the bundle has no memory measurements (converted by an older edge); "
+                              "re-convert it to plan for a budget")
+        return cls(tuple(int(g["load_peak"]) for g in graphs), tuple(int(g["resident"]) for g in graphs),
+                   tuple(g["activation"] for g in graphs), tuple(g.get("carry_fit", {"a": 0.0}) for g in graphs))
+
+    def run(self, pixels: int, batch: int) -> list[int]:
+        """Activation + what earlier chunks left behind, per graph."""
+        out = []
+        for k, fit in enumerate(self.activation):
+            carried = 0 if k == 0 else int(self.carry[k - 1].get("a", 0.0) * pixels * batch)
+            out.append(activation_bytes(fit, pixels, batch) + carried)
+        return out
+
+
+def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *, num_images: int = 1,
+              guided: bool = True, base: int = 0) -> Plan:
+    """The fastest plan whose estimated peak fits `budget` (None: everything resident, unconstrained)."""
+    f = manifest.vae_scale_factor
+    h, w = height // f, width // f
+    te, unet, vae = (_Graphs.of(manifest.components[n]) for n in ("text_encoder", "unet", "vae_decoder"))
+    te_act = te.run(1, 1)[0]  # one prompt per call, any latent size
+    batches = (2, 1) if guided else (1,)
+
+    def unet_peak(batch: int, per_call: bool) -> int:
+        act = unet.run(h * w, batch * num_images)
+        if per_call:
+            return max(max(lp, r + a) for lp, r, a in zip(unet.load_peak, unet.resident, act))
+        return max(_loading_peak(0, unet), sum(unet.resident) + max(act))
+
+    def vae_peak(tile: int | None) -> int:
+        th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
+        image = 3 * height * width * 4 * (1 if tile is None else 3)  # output (+ weighted sum and weights)
+        return max(vae.load_peak[0], vae.resident[0] + vae.run(th * tw, 1)[0] + image)
+
+    tiles = [None] + [t for t in VAE_TILES if t < max(h, w)]
+
+    # 1. Everything resident, one batch-2 call per step, whole VAE decode.
+    resident_all = sum(te.resident) + sum(unet.resident) + sum(vae.resident)
+    loading = max(te.load_peak[0], _loading_peak(sum(te.resident), unet),
+                  sum(te.resident) + sum(unet.resident) + vae.load_peak[0])
+    unet_act = max(unet.run(h * w, batches[0] * num_images))
+    vae_act = vae_peak(None) - vae.resident[0]
+    resident = Plan(budget, True, batches[0], False, None, 0, base, (
+        Stage("text_encoder", base + max(loading, resident_all + te_act), "loaded with the others, kept"),
+        Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], False, guided)),
+        Stage("vae_decoder", base + resident_all + vae_act, "whole latent at once"),
+    ))
+    if budget is None or resident.peak <= budget:
+        return resident
+
+    # 2-5. Stage by stage: each takes its first option that fits.
+    text_stage = Stage("text_encoder", base + max(te.load_peak[0], te.resident[0] + te_act),
+                       "loaded, run once per prompt, freed")
+    chunked = len(unet.resident) > 1
+    unet_options = [(b, False) for b in batches] + ([(b, True) for b in batches] if chunked else [])
+    unet_stages = [(b, pc, Stage("unet", base + unet_peak(b, pc), _unet_words(manifest, b, pc, guided)))
+                   for b, pc in unet_options]
+    vae_stages = [(t, Stage("vae_decoder", base + vae_peak(t), _vae_words(t, h, w))) for t in tiles]
+    fits = [s for s in unet_stages if s[2].peak <= budget], [s for s in vae_stages if s[1].peak <= budget]
+    if text_stage.peak > budget or not fits[0] or not fits[1]:
+        smallest = max(text_stage.peak, min(s[2].peak for s in unet_stages), min(s[1].peak for s in vae_stages))
+        worst = max(("the text encoder", text_stage.peak), ("the UNet", min(s[2].peak for s in unet_stages)),
+                    ("the VAE decoder", min(s[1].peak for s in vae_stages)), key=lambda x: x[1])
+        raise BudgetError(
+            f"memory budget {format_bytes(budget)} cannot be met for {height}x{width}"
+            f"{f' x{num_images}' if num_images > 1 else ''}: the smallest plan needs "
+            f"{format_bytes(_round_up(smallest))} ({worst[0]} stage; "
+            f"{'a split UNet (--split-unet) or ' if not chunked else ''}a lower precision bundle needs less)")
+    (batch, per_call, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
+    return Plan(budget, False, batch, per_call, tile, _overlap(tile), base, (text_stage, unet_stage, vae_stage))
+
+
+def _loading_peak(before: int, graphs: _Graphs) -> int:
+    """Peak while loading `graphs` one after another on top of `before` bytes already resident."""
+    return max(before + sum(graphs.resident[:k]) + lp for k, lp in enumerate(graphs.load_peak))
+
+
+def _overlap(tile: int | None) -> int:
+    return 0 if tile is None else max(2, tile // 4)
+
+
+def _round_up(n: int) -> int:
+    return int(math.ceil(n / 2**30 * 10) * 2**30 / 10)  # to 0.1 GB
+
+
+def _unet_words(manifest: Manifest, batch: int, per_call: bool, guided: bool) -> str:
+    chunks = len(manifest.components["unet"].chunks) or 1
+    how = "one batch-2 call per step" if guided and batch == 2 else (
+        "two batch-1 calls per step" if guided else "one call per step")
+    where = (f"{chunks} chunks loaded one at a time for every call" if per_call else
+             f"{chunks} chunks resident" if chunks > 1 else "whole graph resident")
+    return f"{how}, {where}"
+
+
+def _vae_words(tile: int | None, h: int, w: int) -> str:
+    if tile is None:
+        return f"whole {h}x{w} latent at once"
+    return f"{min(tile, h)}x{min(tile, w)} latent tiles, overlap {_overlap(tile)}, blended seams"
