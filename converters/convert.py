@@ -21,7 +21,7 @@ import torch
 from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
 from edge.kernels.processor import use_attention
 from edge.memory_profile import PROFILED, profile_component
-from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity
+from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_spec
 from edge.converters.quantize import PRECISIONS, mixed_precision, psnr_parity, quantize
 from edge.converters.sources import Source, open_source
 from edge.converters.split import run_chunks, split_graph
@@ -34,7 +34,7 @@ CHUNKS_MIN_PSNR_DB = 60.0  # chained UNet chunks against the whole graph
 MIN_PSNR_VS_FP32 = {"fp16": 40.0, "int8": 30.0, "int4": 25.0}
 # Which components each precision stores lower; the rest stay fp32. int8/int4 convert MatMul/Gemm
 # weights, which the VAE (convolutions) hardly has: it stays fp32 there.
-QUANTIZED = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+QUANTIZED = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_tiled"),
              "int8": ("text_encoder", "unet"), "int4": ("text_encoder", "unet")}
 ATTENTION_KERNELS = ("original", "sliced", "split_einsum")
 
@@ -51,6 +51,7 @@ class Options:
     split_unet: int | None = None  # UNet chunks
     max_chunk_mb: float | None = None  # or: the fewest chunks under this many MB of weights each
     profile_memory: bool = True  # measure every graph for the memory planner
+    tiled_vae: bool = True  # also export the VAE decoder with shared GroupNorm statistics, for tiled decoding
     threads: int | None = None  # onnxruntime threads for the memory probes
 
     def __post_init__(self) -> None:
@@ -127,7 +128,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     attention = {"kernel": options.attention, "chunk": options.attention_chunk}
 
     components: dict[str, Any] = {}
-    for spec in component_specs(pipe):
+    specs = component_specs(pipe) + ([tiled_vae_spec(pipe)] if options.tiled_vae else [])
+    for spec in specs:
         t = time.perf_counter()
         path = tmp / f"{spec.name}.onnx"
         model = _attention_model(pipe, spec.name)

@@ -113,6 +113,31 @@ def component_specs(pipe) -> list[Spec]:
     ]
 
 
+def tiled_vae_spec(pipe) -> Spec:
+    """The VAE decoder with shared GroupNorm statistics, for tiled decoding (converters/tiled_vae.py)."""
+    from edge.converters.tiled_vae import SharedStatsVaeDecoder
+
+    module = SharedStatsVaeDecoder(pipe.vae)
+    c, L, G = pipe.vae.config.latent_channels, module.layers, module.groups
+
+    def example(g, h, w):
+        """A latent, and as given statistics those of another latent: the graph must apply them (gn_mix 1)."""
+        z, other = torch.randn(1, c, h, w, generator=g), torch.randn(1, c, h, w, generator=g)
+        with torch.no_grad():
+            stats = module(other, torch.zeros(L, 2, G), torch.zeros(1))[1]  # (L, 2, G)
+        return z, stats, torch.ones(1)
+
+    return Spec(
+        "vae_decoder_tiled", module,
+        [{"name": "latent_sample", "dtype": "float32", "shape": [1, c, "height", "width"]},
+         {"name": "gn_stats", "dtype": "float32", "shape": [L, 2, G]},
+         {"name": "gn_mix", "dtype": "float32", "shape": [1]}],
+        [{"name": "sample", "dtype": "float32", "shape": [1, 3, "image_height", "image_width"]},
+         {"name": "gn_local", "dtype": "float32", "shape": [L, 2, G]}],
+        example,
+    )
+
+
 def _dynamic_axes(spec: Spec) -> dict[str, dict[int, str]]:
     return {
         t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}

@@ -15,7 +15,7 @@ from typing import Any
 
 FORMAT_VERSION = 2  # 2: attention, quantization, UNet chunks, memory measurements
 MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_tiled")  # the last is optional
 
 
 class BundleError(ValueError):

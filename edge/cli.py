@@ -37,7 +37,8 @@ def _convert(a: argparse.Namespace) -> int:
     ops = None if a.quantize_ops is None else tuple(o.strip() for o in a.quantize_ops.split(",") if o.strip())
     options = Options(attention=a.attention, attention_chunk=a.attention_chunk, precision=a.precision,
                       quantize_ops=ops, min_psnr_db=a.min_psnr, split_unet=a.split_unet,
-                      max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads)
+                      max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
+                      tiled_vae=not a.no_tiled_vae)
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
@@ -150,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-memory-profile", action="store_true", help="skip measuring the graphs' memory "
                    "(the bundle then cannot be planned for a budget)")
     c.add_argument("--threads", type=int, help="onnxruntime threads for the memory measurements")
+    c.add_argument("--no-tiled-vae", action="store_true", help="skip the VAE decoder graph that tiled decoding "
+                   "under a tight budget uses (tiles then normalise on their own and colours drift)")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "
                    "evaluation set (edge.eval) and record it in the manifest")
     c.set_defaults(run=_convert)

@@ -19,7 +19,7 @@ from edge.memprobe import release_memory, rss_bytes
 from edge.plan import Plan, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
 from edge.tokenizer import ClipTokenizer
-from edge.vae_tiling import decode_tiled
+from edge.vae_tiling import decode_tiled, decode_tiled_shared
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
 
@@ -48,6 +48,12 @@ def session_options(threads: int | None = None, memory_arena: bool = False) -> o
     if threads is not None:
         options.intra_op_num_threads = threads
     return options
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    """(3, H, W) in ~[-1, 1] -> an 8-bit RGB image."""
+    image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # (H, W, 3)
+    return Image.fromarray((image * 255).round().astype(np.uint8))
 
 
 class Pipeline:
@@ -187,18 +193,29 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         z = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)  # (1, C, h, w)
+        tile = None if self.plan is None else self.plan.vae_tile
+        scale = self.manifest.vae_scale_factor
+        if tile is not None and "vae_decoder_tiled" in self.manifest.components:  # shared GroupNorm statistics
+            shared = self._open("vae_decoder_tiled")[0]
+            stats_shape = tuple(self.manifest.components["vae_decoder_tiled"].inputs[1].shape)
+
+            def run_shared(part: np.ndarray, stats: np.ndarray, mix: float) -> tuple[np.ndarray, np.ndarray]:
+                feeds = {"latent_sample": part, "gn_stats": stats, "gn_mix": np.array([mix], np.float32)}
+                image, local = self._run("vae_decoder", shared, None, feeds)
+                return image, local  # (1, 3, th*s, tw*s), (L, 2, G)
+
+            image = decode_tiled_shared(run_shared, z, tile, self.plan.vae_overlap, scale, stats_shape)[0]
+            return _to_pil(image)
         session = self._open("vae_decoder")[0]
 
-        def run(tile: np.ndarray) -> np.ndarray:
-            return self._run("vae_decoder", session, None, {"latent_sample": tile})[0]  # (1, 3, H, W)
+        def run(part: np.ndarray) -> np.ndarray:
+            return self._run("vae_decoder", session, None, {"latent_sample": part})[0]  # (1, 3, H, W)
 
-        tile = None if self.plan is None else self.plan.vae_tile
         if tile is None:
             image = run(z)[0]  # (3, H, W) in ~[-1, 1]
-        else:
-            image = decode_tiled(run, z, tile, self.plan.vae_overlap, self.manifest.vae_scale_factor)[0]
-        image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # (H, W, 3)
-        return Image.fromarray((image * 255).round().astype(np.uint8))
+        else:  # an older bundle: each tile normalises with its own statistics
+            image = decode_tiled(run, z, tile, self.plan.vae_overlap, scale)[0]
+        return _to_pil(image)
 
     # ----------------------------------------------------------------------- loading and freeing
 
@@ -229,8 +246,9 @@ class Pipeline:
 
     def _done_with(self, name: str) -> None:
         """Free a component after its stage unless the plan keeps everything resident."""
-        if self.plan is not None and not self.plan.resident and name in self.sessions:
-            del self.sessions[name]
+        if self.plan is not None and not self.plan.resident:
+            for loaded in [n for n in self.sessions if n == name or n.startswith(name + "_")]:
+                del self.sessions[loaded]
             release_memory()
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:

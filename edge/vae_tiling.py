@@ -94,6 +94,46 @@ def decode_tiled(decode: Decode, latents: np.ndarray, tile: int, overlap: int, s
     return image / total  # (1, 3, H, W); every pixel has weight > 0
 
 
+StatsDecode = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+
+
+def decode_tiled_shared(decode: StatsDecode, latents: np.ndarray, tile: int, overlap: int, scale: int,
+                        stats_shape: tuple[int, int, int], passes: int = 2) -> np.ndarray:
+    """`decode_tiled` with the GroupNorm statistics of the whole image shared by every tile.
+
+    `decode(tile, gn_stats, gn_mix)` -> (image tile, the tile's own statistics (L, 2, G)) is a decoder made
+    by edge.converters.tiled_vae. Pass 1 decodes every tile with its own statistics and averages them,
+    each tile weighted by its share of the blend; each later pass decodes with the previous average (and
+    averages again); the last pass's tiles are blended. Two passes cost twice a tiled decode.
+    """
+    if passes < 2:
+        raise ValueError(f"passes must be >= 2 (one to gather statistics, one to apply them), got {passes}")
+    latents = np.asarray(latents, dtype=np.float32)
+    _, _, h, w = latents.shape
+    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    th, tw = tiled_peak_tile(h, w, tile)
+    row_s, col_s = _ramp(rows, tile, h, 1), _ramp(cols, tile, w, 1)  # blend weights at latent resolution
+    cover = np.zeros((h, w), np.float32)
+    for r, wr in zip(rows, row_s):
+        for c, wc in zip(cols, col_s):
+            cover[r : r + th, c : c + tw] += np.outer(wr, wc)
+    share = {(r, c): float((np.outer(wr, wc) / cover[r : r + th, c : c + tw]).sum()) / (h * w)
+             for r, wr in zip(rows, row_s) for c, wc in zip(cols, col_s)}  # sums to 1
+
+    given, mix = np.zeros(stats_shape, np.float32), 0.0
+    for _ in range(passes - 1):
+        pooled = np.zeros(stats_shape, np.float64)
+        for (r, c), part in share.items():
+            _, local = decode(np.ascontiguousarray(latents[:, :, r : r + th, c : c + tw]), given, mix)
+            pooled += part * local
+        given, mix = pooled.astype(np.float32), 1.0
+
+    def with_shared_stats(z: np.ndarray) -> np.ndarray:
+        return decode(z, given, mix)[0]
+
+    return decode_tiled(with_shared_stats, latents, tile, overlap, scale)
+
+
 def _decode_checked(decode: Decode, latents: np.ndarray, scale: int) -> np.ndarray:
     """`decode` one tile and check it returned (1, 3, th*scale, tw*scale)."""
     _, _, th, tw = latents.shape
