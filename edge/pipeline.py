@@ -178,11 +178,12 @@ class Pipeline:
                "encoder_hidden_states": context}
         component = self.manifest.components["unet"]
         per_call = self.plan is not None and self.plan.unet_per_call
-        sessions = None if per_call else self._open("unet")
+        keep = self.plan.unet_keep if per_call else len(component.graphs)
+        sessions = self._open("unet", keep)  # the resident chunks; the others load for this call only
         chunks = component.chunks or (None,)
         last_use = {n: k for k, c in enumerate(component.chunks) for n in c.inputs}
         for k, chunk in enumerate(chunks):
-            session = self._load_graph(component, k) if per_call else sessions[k]
+            session = sessions[k] if k < keep else self._load_graph(component, k)
             names = [o.name for o in session.get_outputs()]
             feeds = {i.name: env[i.name] for i in session.get_inputs()}
             env.update(zip(names, self._run("unet", session, names, feeds)))
@@ -228,14 +229,16 @@ class Pipeline:
         finally:
             self.timed_calls.append((name, start, time.time()))
 
-    def _open(self, name: str) -> list[ort.InferenceSession]:
-        """The component's sessions, loading them if they are not resident."""
-        if name not in self.sessions:
-            component = self.manifest.components[name]
+    def _open(self, name: str, count: int | None = None) -> list[ort.InferenceSession]:
+        """The component's first `count` (default: all) sessions, loading those not resident."""
+        component = self.manifest.components[name]
+        count = len(component.graphs) if count is None else count
+        loaded = self.sessions.setdefault(name, [])
+        if len(loaded) < count:
             t = time.perf_counter()
-            self.sessions[name] = [self._load_graph(component, k) for k in range(len(component.graphs))]
+            loaded += [self._load_graph(component, k) for k in range(len(loaded), count)]
             self.load_seconds[name] = time.perf_counter() - t
-        return self.sessions[name]
+        return loaded
 
     def _load_graph(self, component: Component, k: int) -> ort.InferenceSession:
         if self._verify and component.name not in self._verified:

@@ -8,7 +8,8 @@ size and batch. A plan is the fastest way of running that fits; the options, fro
 2. staged     each stage loads its component and frees it afterwards: text encoder freed before
               denoising, VAE decoder loaded after it,
 3. guidance   one batch-2 UNet call per step, or two batch-1 calls (half the UNet activations),
-4. chunks     a split UNet's chunks loaded one at a time for every call (only one chunk resident),
+4. chunks     some of a split UNet's chunks loaded one at a time for every call, the rest resident
+              (as many resident as fit: every reload costs a chunk's read and session creation),
 5. tiles      the VAE decodes the latents in overlapping tiles (activations of one tile).
 
 Each stage takes the first of its options that fits; a budget no plan meets is refused with the
@@ -27,6 +28,9 @@ from edge.memprobe import activation_bytes
 
 _UNITS = {"": 1, "B": 1, **{p + s: 1024 ** (i + 1) for i, p in enumerate("KMGT") for s in ("", "B", "IB")}}
 VAE_TILES = (64, 48, 32, 24, 16, 12, 8, 6, 4)  # latent pixels per tile side, tried largest first
+# A plan must fit in (1 - HEADROOM) of the budget: estimates were within -10%..+9% of the OS-measured
+# peak on SD 1.5 (benchmarks/RESULTS.md), and the OS figure itself moves by a few percent between runs.
+HEADROOM = 0.10
 
 
 class BudgetError(ValueError):
@@ -61,11 +65,12 @@ class Plan:
     budget: int | None
     resident: bool  # all components loaded once and kept; else each stage loads and frees its own
     guidance_batch: int  # UNet batch per call with guidance: 2 (one call) or 1 (two calls)
-    unet_per_call: bool  # load the UNet's chunks one at a time for every call
+    unet_per_call: bool  # load (some of) the UNet's chunks one at a time for every call
     vae_tile: int | None  # latent pixels per tile side; None decodes whole
     vae_overlap: int
     base: int  # process RSS before any graph is loaded
     stages: tuple[Stage, ...] = field(default=())
+    unet_keep: int = 0  # with unet_per_call: the first chunks that stay loaded; the rest load for every call
 
     @property
     def peak(self) -> int:
@@ -118,11 +123,13 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     te_act = te.run(1, 1)[0]  # one prompt per call, any latent size
     batches = (2, 1) if guided else (1,)
 
-    def unet_peak(batch: int, per_call: bool) -> int:
+    def unet_peak(batch: int, keep: int) -> int:
+        """Peak with the first `keep` chunks resident and the others loaded one at a time per call."""
         act = unet.run(h * w, batch * num_images)
-        if per_call:
-            return max(max(lp, r + a) for lp, r, a in zip(unet.load_peak, unet.resident, act))
-        return max(_loading_peak(0, unet), sum(unet.resident) + max(act))
+        kept = sum(unet.resident[:keep])
+        peaks = [_loading_peak(0, unet, keep)] + [kept + a for a in act[:keep]]
+        peaks += [kept + max(lp, r + a) for lp, r, a in zip(unet.load_peak[keep:], unet.resident[keep:], act[keep:])]
+        return max(peaks)
 
     def vae_peak(tile: int | None) -> int:
         th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
@@ -139,37 +146,46 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     vae_act = vae_peak(None) - vae.resident[0]
     resident = Plan(budget, True, batches[0], False, None, 0, base, (
         Stage("text_encoder", base + max(loading, resident_all + te_act), "loaded with the others, kept"),
-        Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], False, guided)),
+        Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], len(unet.resident), guided)),
         Stage("vae_decoder", base + resident_all + vae_act, "whole latent at once"),
     ))
-    if budget is None or resident.peak <= budget:
+    if budget is None or resident.peak <= budget * (1 - HEADROOM):
         return resident
+    limit = budget * (1 - HEADROOM)
 
     # 2-5. Stage by stage: each takes its first option that fits.
     text_stage = Stage("text_encoder", base + max(te.load_peak[0], te.resident[0] + te_act),
                        "loaded, run once per prompt, freed")
-    chunked = len(unet.resident) > 1
-    unet_options = [(b, False) for b in batches] + ([(b, True) for b in batches] if chunked else [])
-    unet_stages = [(b, pc, Stage("unet", base + unet_peak(b, pc), _unet_words(manifest, b, pc, guided)))
-                   for b, pc in unet_options]
+    n = len(unet.resident)
+    chunked = n > 1
+    # All chunks resident (batch 2, then two batch-1 calls); then chunks reloaded for every call, the
+    # fewest bytes reloaded per step first (two batch-1 calls reload twice).
+    reload = [(b, keep) for b in batches for keep in range(n - 1, -1, -1)] if chunked else []
+    reload.sort(key=lambda o: (sum(unet.resident[o[1]:]) * (2 if guided and o[0] == 1 else 1), -o[0]))
+    unet_options = [(b, n) for b in batches] + reload
+    unet_stages = [(b, keep, Stage("unet", base + unet_peak(b, keep), _unet_words(manifest, b, keep, guided)))
+                   for b, keep in unet_options]
     vae_stages = [(t, Stage("vae_decoder", base + vae_peak(t), _vae_words(t, h, w))) for t in tiles]
-    fits = [s for s in unet_stages if s[2].peak <= budget], [s for s in vae_stages if s[1].peak <= budget]
-    if text_stage.peak > budget or not fits[0] or not fits[1]:
+    fits = [s for s in unet_stages if s[2].peak <= limit], [s for s in vae_stages if s[1].peak <= limit]
+    if text_stage.peak > limit or not fits[0] or not fits[1]:
         smallest = max(text_stage.peak, min(s[2].peak for s in unet_stages), min(s[1].peak for s in vae_stages))
         worst = max(("the text encoder", text_stage.peak), ("the UNet", min(s[2].peak for s in unet_stages)),
                     ("the VAE decoder", min(s[1].peak for s in vae_stages)), key=lambda x: x[1])
         raise BudgetError(
             f"memory budget {format_bytes(budget)} cannot be met for {height}x{width}"
             f"{f' x{num_images}' if num_images > 1 else ''}: the smallest plan needs "
-            f"{format_bytes(_round_up(smallest))} ({worst[0]} stage; "
+            f"{format_bytes(_round_up(smallest / (1 - HEADROOM)))} ({worst[0]} stage, with "
+            f"{HEADROOM:.0%} headroom for the estimate; "
             f"{'a split UNet (--split-unet) or ' if not chunked else ''}a lower precision bundle needs less)")
-    (batch, per_call, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
-    return Plan(budget, False, batch, per_call, tile, _overlap(tile), base, (text_stage, unet_stage, vae_stage))
+    (batch, keep, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
+    return Plan(budget, False, batch, keep < n, tile, _overlap(tile), base, (text_stage, unet_stage, vae_stage),
+                unet_keep=keep if keep < n else 0)
 
 
-def _loading_peak(before: int, graphs: _Graphs) -> int:
-    """Peak while loading `graphs` one after another on top of `before` bytes already resident."""
-    return max(before + sum(graphs.resident[:k]) + lp for k, lp in enumerate(graphs.load_peak))
+def _loading_peak(before: int, graphs: _Graphs, count: int | None = None) -> int:
+    """Peak while loading the first `count` (default: all) of `graphs` one after another on top of `before`."""
+    return max([before] + [before + sum(graphs.resident[:k]) + lp
+                           for k, lp in enumerate(graphs.load_peak[:count])])
 
 
 def _overlap(tile: int | None) -> int:
@@ -180,12 +196,14 @@ def _round_up(n: int) -> int:
     return int(math.ceil(n / 2**30 * 10) * 2**30 / 10)  # to 0.1 GB
 
 
-def _unet_words(manifest: Manifest, batch: int, per_call: bool, guided: bool) -> str:
+def _unet_words(manifest: Manifest, batch: int, keep: int, guided: bool) -> str:
     chunks = len(manifest.components["unet"].chunks) or 1
     how = "one batch-2 call per step" if guided and batch == 2 else (
         "two batch-1 calls per step" if guided else "one call per step")
-    where = (f"{chunks} chunks loaded one at a time for every call" if per_call else
-             f"{chunks} chunks resident" if chunks > 1 else "whole graph resident")
+    where = ("whole graph resident" if chunks == 1 else f"{chunks} chunks resident" if keep >= chunks else
+             f"{chunks} chunks loaded one at a time for every call" if keep == 0 else
+             f"{'chunk 1' if keep == 1 else f'chunks 1-{keep}'} of {chunks} resident, the others loaded one at "
+             "a time for every call")
     return f"{how}, {where}"
 
 

@@ -200,3 +200,22 @@ def test_tiles_sharing_groupnorm_statistics_match_the_whole_decode(small):
     forced = _Forced.load(small)
     image = np.asarray(forced.decode(z * pipe.manifest.vae_scaling_factor), np.float64)
     assert image.shape == (128, 128, 3)
+
+
+def test_some_chunks_resident_the_rest_reloaded_per_call(small):
+    """unet_keep=1: chunk 1 stays loaded, chunk 2 is loaded for every call; batch 2 as unconstrained, so
+    the result is the unconstrained one."""
+
+    class KeepFirst(Pipeline):
+        def plan_for(self, height, width, num_images=1, guided=True):
+            return Plan(1, resident=False, guidance_batch=2, unet_per_call=True, vae_tile=None, vae_overlap=0,
+                        base=0, unet_keep=1)
+
+    free = Pipeline.load(small).generate(PROMPT, steps=4, guidance=5.0, seed=1)
+    pipe = KeepFirst.load(small)
+    resident = []
+    out = pipe.generate(PROMPT, steps=4, guidance=5.0, seed=1,
+                        callback=lambda i, n, x: resident.append(len(pipe.sessions["unet"])))
+    assert resident == [1, 1, 1, 1] and "unet" not in pipe.sessions  # freed after denoising
+    assert psnr(free.latents, out.latents) > 100
+
