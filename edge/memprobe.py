@@ -30,24 +30,22 @@ import numpy as np
 _PROC = Path("/proc/self")
 
 
-def _status_kib(field: str) -> int | None:
+def _status_bytes(field: str) -> int:
+    """A /proc/self/status memory field; without /proc (macOS) the best available is the process's peak."""
     try:
         for line in (_PROC / "status").read_text().splitlines():
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) * 1024
     except OSError:
-        return None
-    return None
+        pass
+    from edge.memory import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def rss_bytes() -> int:
     """Current resident set size of this process."""
-    kib = _status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    from edge.memory import peak_rss_bytes  # no /proc (macOS): the best available is the peak
-
-    return peak_rss_bytes()
+    return _status_bytes("VmRSS")
 
 
 def reset_peak() -> bool:
@@ -60,12 +58,8 @@ def reset_peak() -> bool:
 
 
 def peak_bytes() -> int:
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    from edge.memory import peak_rss_bytes
-
-    return peak_rss_bytes()
+    """Peak resident set size since the last `reset_peak` (or process start)."""
+    return _status_bytes("VmHWM")
 
 
 def release_memory() -> None:

@@ -59,6 +59,8 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up, then cosine decay to lr_floor * lr
     lr_floor: float = 0.1
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    unet_object_weight: float = 4.0  # extra diffusion-loss weight on latent pixels an object covers
+    aux_position_weight: float = 0.2  # training-only head: the text encoder's pooled output -> the position
     min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 turns it off
     ema_decay: float = 0.999  # of the UNet and text encoder weights; 0 turns it off
     two_object_prob: float = 0.25  # share of two-object scenes in training

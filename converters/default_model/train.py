@@ -142,33 +142,54 @@ def vae_report(vae: AutoencoderKL, size: int) -> dict[str, float]:
 
 def diffusion_step(unet: UNet2DConditionModel, text: CLIPTextModel, tokenizer: CLIPTokenizer,
                    noise_sched: DDPMScheduler, latents: torch.Tensor, captions: list[str],
-                   generator: torch.Generator, min_snr_gamma: float) -> torch.Tensor:
-    """Epsilon-prediction loss, min-SNR weighted, for one batch of scaled latents."""
+                   generator: torch.Generator, cfg: TrainConfig, objects: torch.Tensor, labels: torch.Tensor,
+                   head: torch.nn.Module | None) -> torch.Tensor:
+    """Epsilon-prediction loss, min-SNR weighted, for one batch of scaled latents.
+
+    Latent pixels covered by an object weigh 1 + cfg.unet_object_weight (an object is ~10 % of the
+    image: with a plain loss, where it goes matters little). With `head`, the text encoder's pooled
+    output must also tell a single object's position (cross-entropy, weight cfg.aux_position_weight):
+    without it the edge words never separate — the UNet does not use them, so they get no gradient.
+    """
     b = latents.shape[0]
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=generator)  # (B,)
     noise = torch.randn(latents.shape, generator=generator)  # (B, C, h, w)
     noisy = noise_sched.add_noise(latents, noise, t)
-    context = text(data.token_ids(tokenizer, captions)).last_hidden_state  # (B, 77, D)
-    pred = unet(noisy, t, encoder_hidden_states=context).sample  # (B, C, h, w)
-    per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # (B,)
-    if min_snr_gamma > 0:
+    encoded = text(data.token_ids(tokenizer, captions))
+    pred = unet(noisy, t, encoder_hidden_states=encoded.last_hidden_state).sample  # (B, C, h, w)
+    weight = 1 + cfg.unet_object_weight * objects  # (B, 1, h, w)
+    per_sample = (((pred - noise) ** 2) * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3))  # (B,)
+    if cfg.min_snr_gamma > 0:
         alpha_bar = noise_sched.alphas_cumprod[t]
         snr = alpha_bar / (1 - alpha_bar)
-        per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / snr
-    return per_sample.mean()
+        per_sample = per_sample * torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+    loss = per_sample.mean()
+    if head is not None and (labels >= 0).any():
+        logits = head(encoded.pooler_output)  # (B, positions)
+        loss = loss + cfg.aux_position_weight * torch.nn.functional.cross_entropy(logits, labels, ignore_index=-1)
+    return loss
+
+
+def position_head(text: CLIPTextModel, cfg: TrainConfig) -> torch.nn.Module | None:
+    """The training-only position classifier on the text encoder (not saved)."""
+    from edge.eval.scenes import POSITIONS
+
+    return torch.nn.Linear(text.config.hidden_size, len(POSITIONS)) if cfg.aux_position_weight > 0 else None
 
 
 def train_unet(unet: UNet2DConditionModel, text: CLIPTextModel, pool: data.LatentPool, steps: int,
                cfg: TrainConfig, rng: np.random.Generator, generator: torch.Generator) -> list[dict]:
     tokenizer, noise_sched = models.load_tokenizer(), models.noise_scheduler()
-    params = list(unet.parameters()) + list(text.parameters())
+    head = position_head(text, cfg)
+    params = list(unet.parameters()) + list(text.parameters()) + ([] if head is None else list(head.parameters()))
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr)
     schedule = _schedule(optimizer, steps, cfg)
     ema = Ema([unet, text], cfg.ema_decay) if cfg.ema_decay > 0 else None
     log, window, start = [], [], time.time()
     for step in range(steps):
-        latents, captions = pool.batch(rng, cfg.unet_batch, generator, cfg.caption_dropout)
-        loss = diffusion_step(unet, text, tokenizer, noise_sched, latents, captions, generator, cfg.min_snr_gamma)
+        latents, captions, objects, labels = pool.batch(rng, cfg.unet_batch, generator, cfg.caption_dropout)
+        loss = diffusion_step(unet, text, tokenizer, noise_sched, latents, captions, generator, cfg, objects,
+                              labels, head)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -213,7 +234,9 @@ def calibrate(text: CLIPTextModel, unet: UNet2DConditionModel, vae: AutoencoderK
             ema.update(0)
 
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=0.0)
-    unet_opt = torch.optim.AdamW(list(unet.parameters()) + list(text.parameters()), lr=0.0)
+    head = position_head(text, cfg)
+    unet_opt = torch.optim.AdamW(list(unet.parameters()) + list(text.parameters())
+                                 + ([] if head is None else list(head.parameters())), lr=0.0)
     ema = Ema([unet, text], cfg.ema_decay) if cfg.ema_decay > 0 else None
     scenes = data.sample_scenes(rng, 64, cfg.two_object_prob)
     pool = data.build_pool(vae, scenes, size)
@@ -223,8 +246,9 @@ def calibrate(text: CLIPTextModel, unet: UNet2DConditionModel, vae: AutoencoderK
         step(vae_step(vae, x, generator, cfg)[0], vae_opt, None)
 
     def unet_once() -> None:
-        latents, captions = pool.batch(rng, cfg.unet_batch, generator, cfg.caption_dropout)
-        loss = diffusion_step(unet, text, tokenizer, noise_sched, latents, captions, generator, cfg.min_snr_gamma)
+        latents, captions, objects, labels = pool.batch(rng, cfg.unet_batch, generator, cfg.caption_dropout)
+        loss = diffusion_step(unet, text, tokenizer, noise_sched, latents, captions, generator, cfg, objects,
+                              labels, head)
         step(loss, unet_opt, ema)
 
     encode = _time_steps(lambda: data.build_pool(vae, scenes, size), 1) / len(scenes)
