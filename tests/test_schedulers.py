@@ -240,3 +240,11 @@ def test_step_index_checked() -> None:
 def test_runtime_import_has_no_torch() -> None:
     code = "import sys, edge.schedulers; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_peer_runner_keeps_the_same_scheduler_map():
+    """converters/bench_peer.py runs in peer environments without edge, so it carries a copy of the map."""
+    from edge.converters.bench_peer import SCHEDULERS
+    from edge.schedulers import DIFFUSERS_EQUIVALENT
+
+    assert SCHEDULERS == DIFFUSERS_EQUIVALENT
