@@ -206,9 +206,7 @@ def _image_fidelity(out: Path, runs: list[dict]) -> dict[str, dict]:
     return found
 
 
-def parse_size(text: str) -> int:
-    """'4GB', '3.5GiB', '512MB' or bytes (edge.plan.parse_bytes: GB and GiB both mean 1024**3)."""
-    return parse_bytes(text)
+parse_size = parse_bytes  # '4GB', '3.5GiB', '512MB' or bytes: the planner's parser (GB = GiB = 1024**3)
 
 
 def _slug(text: str) -> str:

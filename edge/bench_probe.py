@@ -13,37 +13,23 @@ from __future__ import annotations
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from edge.memory import peak_rss_bytes, read_status
+
 SAMPLE_INTERVAL_S = 0.05
 MAX_TIMELINE_POINTS = 4000  # longer runs are thinned to this many points, keeping each bucket's maximum
-
-
-def read_status(pid: int | None = None, field: str = "VmRSS") -> int | None:
-    """A memory field of /proc/<pid>/status (default: this process) in bytes; None without /proc or once
-    the process has exited (a zombie has no Vm* lines)."""
-    path = Path(f"/proc/{'self' if pid is None else pid}/status")
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else None
 
 
 def read_rss(pid: int | None = None) -> int | None:
     return read_status(pid, "VmRSS")
 
 
-def ru_maxrss_self() -> int:
-    """getrusage's peak RSS of this process in bytes (includes the launcher's peak on Linux; see above)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+ru_maxrss_self = peak_rss_bytes  # getrusage's peak of this process (includes the launcher's on Linux; see above)
 
 
 def peak_rss_self() -> tuple[int, str]:

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
+
+
+def read_status(pid: int | None = None, field: str = "VmRSS") -> int | None:
+    """A memory field of /proc/<pid>/status (default: this process) in bytes; None without /proc or once
+    the process has exited (a zombie has no Vm* lines)."""
+    path = Path(f"/proc/{'self' if pid is None else pid}/status")
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
 
 
 def peak_rss_bytes() -> int:

@@ -27,20 +27,15 @@ from typing import Sequence
 
 import numpy as np
 
+from edge.memory import peak_rss_bytes, read_status
+
 _PROC = Path("/proc/self")
 
 
 def _status_bytes(field: str) -> int:
     """A /proc/self/status memory field; without /proc (macOS) the best available is the process's peak."""
-    try:
-        for line in (_PROC / "status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from edge.memory import peak_rss_bytes
-
-    return peak_rss_bytes()
+    value = read_status(None, field)
+    return peak_rss_bytes() if value is None else value
 
 
 def rss_bytes() -> int:
