@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 PROMPT ?= a red circle on a blue background
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean coreml-check
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# macOS: convert the default model to Core ML, run every graph and a generation, compare with torch (>= 35 dB).
+coreml-check: $(STAMP)
+	$(BIN)/python apps/apple/coreml_check.py --source default --out $(BUILD)/coreml-check
 
 clean:
 	rm -rf $(BUILD) $(VENV)

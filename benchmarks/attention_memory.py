@@ -123,8 +123,8 @@ def _in_fresh_process(path: Path, feeds: dict[str, list[int]], threads: int) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--graphs", nargs="+", choices=["layer", "unet"], default=["layer", "unet"])
-    parser.add_argument("--kernels", nargs="+", choices=["original", "sliced", "split_einsum"],
-                        default=["original", "sliced"],
+    parser.add_argument("--kernels", nargs="+", choices=["original", "sliced", "split_einsum", "fused"],
+                        default=["original", "sliced", "fused"],
                         help="split_einsum is left out by default: onnxruntime's CPU Einsum makes it ~10x slower")
     parser.add_argument("--chunk", type=int, nargs="+", default=[1024], help="query rows per slice for 'sliced'")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")

@@ -21,7 +21,7 @@ import torch
 from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
 from edge.kernels.processor import use_attention
 from edge.memory_profile import PROFILED, profile_component
-from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_spec
+from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_specs
 from edge.converters.quantize import PRECISIONS, mixed_precision, psnr_parity, quantize
 from edge.converters.sources import Source, open_source
 from edge.converters.split import run_chunks, split_graph
@@ -34,16 +34,17 @@ CHUNKS_MIN_PSNR_DB = 60.0  # chained UNet chunks against the whole graph
 MIN_PSNR_VS_FP32 = {"fp16": 40.0, "int8": 30.0, "int4": 25.0}
 # Which components each precision stores lower; the rest stay fp32. int8/int4 convert MatMul/Gemm
 # weights, which the VAE (convolutions) hardly has: it stays fp32 there.
-QUANTIZED = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_tiled"),
+QUANTIZED = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head", "vae_decoder_tiled"),
              "int8": ("text_encoder", "unet"), "int4": ("text_encoder", "unet")}
-ATTENTION_KERNELS = ("original", "sliced", "split_einsum")
+TARGETS = ("onnx", "coreml")
+ATTENTION_KERNELS = ("original", "sliced", "split_einsum", "fused")
 
 
 @dataclass(frozen=True)
 class Options:
     """What to make of the model, beyond a faithful fp32 export."""
 
-    attention: str = "original"  # kernels/attention.py: original, sliced, split_einsum (UNet and VAE)
+    attention: str = "fused"  # kernels/attention.py: fused, original, sliced, split_einsum (UNet and VAE)
     attention_chunk: int | None = None  # query rows per slice, for "sliced"
     precision: str = "fp32"  # fp32, fp16, int8, int4
     quantize_ops: tuple[str, ...] | None = None  # int8/int4 op types (default MatMul, Gemm)
@@ -53,8 +54,12 @@ class Options:
     profile_memory: bool = True  # measure every graph for the memory planner
     tiled_vae: bool = True  # also export the VAE decoder with shared GroupNorm statistics, for tiled decoding
     threads: int | None = None  # onnxruntime threads for the memory probes
+    targets: tuple[str, ...] = ("onnx",)  # graphs to write: onnx, coreml, or both (converters/coreml)
+    coreml: Any = None  # edge.converters.coreml.convert.CoreMLOptions for the coreml target (None: its defaults)
 
     def __post_init__(self) -> None:
+        if not self.targets or any(t not in TARGETS for t in self.targets):
+            raise ConvertError(f"unknown target {','.join(self.targets)!r}; choose one or both of {TARGETS}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConvertError(f"unknown attention kernel {self.attention!r}; choose one of {ATTENTION_KERNELS}")
         if self.attention == "sliced" and (self.attention_chunk is None or self.attention_chunk < 1):
@@ -103,6 +108,10 @@ def convert(
     (tmp / ".scratch").mkdir(parents=True)
     try:
         data = _build_bundle(src, tmp, external_data_over, options, log)
+        if "coreml" in options.targets:
+            from edge.converters.coreml.convert import CoreMLOptions, add_coreml
+
+            data = add_coreml(src.pipe, tmp, data, CoreMLOptions() if options.coreml is None else options.coreml, log)
         shutil.rmtree(tmp / ".scratch")
         manifest = write_manifest(tmp, data)
         if score:
@@ -128,7 +137,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     attention = {"kernel": options.attention, "chunk": options.attention_chunk}
 
     components: dict[str, Any] = {}
-    specs = component_specs(pipe) + ([tiled_vae_spec(pipe)] if options.tiled_vae else [])
+    specs = component_specs(pipe) + (tiled_vae_specs(pipe) if options.tiled_vae else [])
+    specs = specs if "onnx" in options.targets else []  # a Core ML-only bundle: metadata and tokenizer here
     for spec in specs:
         t = time.perf_counter()
         path = tmp / f"{spec.name}.onnx"
@@ -173,7 +183,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             + (f"  {record['precision']} {extra:.1f} dB vs fp32" if extra is not None else "")
             + (f"  {len(chunks)} chunks" if chunks else "") + f"  {time.perf_counter() - t:.1f}s")
 
-    if options.profile_memory:
+    if options.profile_memory and components:
         sample = pipe.unet.config.sample_size
         latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
         for name in PROFILED:

@@ -113,29 +113,35 @@ def component_specs(pipe) -> list[Spec]:
     ]
 
 
-def tiled_vae_spec(pipe) -> Spec:
-    """The VAE decoder with shared GroupNorm statistics, for tiled decoding (converters/tiled_vae.py)."""
-    from edge.converters.tiled_vae import SharedStatsVaeDecoder
+def tiled_vae_specs(pipe) -> list[Spec]:
+    """The VAE decoder cut for tiled decoding (converters/tiled_vae.py): its head, run whole, and its tail,
+    run per tile with GroupNorm statistics shared between tiles."""
+    from edge.converters.tiled_vae import SharedStatsVaeDecoderTail, VaeDecoderHead
 
-    module = SharedStatsVaeDecoder(pipe.vae)
-    c, L, G = pipe.vae.config.latent_channels, module.layers, module.groups
+    head, tail = VaeDecoderHead(pipe.vae), SharedStatsVaeDecoderTail(pipe.vae)
+    c, m, L, G = pipe.vae.config.latent_channels, head.channels, tail.layers, tail.groups
 
     def example(g, h, w):
-        """A latent, and as given statistics those of another latent: the graph must apply them (gn_mix 1)."""
-        z, other = torch.randn(1, c, h, w, generator=g), torch.randn(1, c, h, w, generator=g)
+        """Hidden features, and as given statistics those of other features: the graph must apply them (gn_mix 1)."""
+        x, other = torch.randn(1, m, h, w, generator=g), torch.randn(1, m, h, w, generator=g)
+        weight = torch.rand(1, 1, h, w, generator=g)  # any positive blend weights
         with torch.no_grad():
-            stats = module(other, torch.zeros(L, 2, G), torch.zeros(1))[1]  # (L, 2, G)
-        return z, stats, torch.ones(1)
+            stats = tail(other, torch.zeros(L, 2, G), torch.zeros(L), weight)[1]  # (L, 2, G)
+        return x, stats, torch.ones(L), weight
 
-    return Spec(
-        "vae_decoder_tiled", module,
-        [{"name": "latent_sample", "dtype": "float32", "shape": [1, c, "height", "width"]},
-         {"name": "gn_stats", "dtype": "float32", "shape": [L, 2, G]},
-         {"name": "gn_mix", "dtype": "float32", "shape": [1]}],
-        [{"name": "sample", "dtype": "float32", "shape": [1, 3, "image_height", "image_width"]},
-         {"name": "gn_local", "dtype": "float32", "shape": [L, 2, G]}],
-        example,
-    )
+    hidden = {"name": "hidden", "dtype": "float32", "shape": [1, m, "height", "width"]}
+    return [
+        Spec("vae_decoder_head", head,
+             [{"name": "latent_sample", "dtype": "float32", "shape": [1, c, "height", "width"]}], [hidden],
+             lambda g, h, w: (torch.randn(1, c, h, w, generator=g),)),
+        Spec("vae_decoder_tiled", tail,
+             [hidden, {"name": "gn_stats", "dtype": "float32", "shape": [L, 2, G]},
+              {"name": "gn_mix", "dtype": "float32", "shape": [L]},
+              {"name": "gn_weight", "dtype": "float32", "shape": [1, 1, "height", "width"]}],
+             [{"name": "sample", "dtype": "float32", "shape": [1, 3, "image_height", "image_width"]},
+              {"name": "gn_local", "dtype": "float32", "shape": [L, 2, G]}],
+             example),
+    ]
 
 
 def _dynamic_axes(spec: Spec) -> dict[str, dict[int, str]]:

@@ -1,16 +1,27 @@
-"""A VAE decoder for tiled decoding whose GroupNorm statistics can be shared between tiles.
+"""The VAE decoder cut in two for tiled decoding: a head run whole, and a tail run tile by tile whose
+GroupNorm statistics are shared between tiles.
 
-Decoded alone, a tile normalises with its own GroupNorm statistics, and a tile of plain background comes
-out in other colours than the same pixels decoded whole. This graph takes the statistics from outside:
+A tile decoded alone differs from the same pixels decoded whole in two ways: every GroupNorm normalises
+with the tile's statistics instead of the image's, and the mid-block attention attends only within the
+tile. So the decoder is split where its resolution starts to grow:
 
-    inputs   latent_sample (1, C, h, w), gn_stats (L, 2, G) per GroupNorm: mean and mean of squares,
-             gn_mix (1,): 0 = the tile's own statistics (exactly the plain decoder), 1 = gn_stats
-    outputs  sample (1, 3, 8h, 8w), gn_local (L, 2, G): the statistics this input produced
+    vae_decoder_head   latent_sample (1, C, h, w) -> hidden (1, M, h, w)
+                       post_quant_conv, conv_in and the mid block (resnets + attention), at latent
+                       resolution: cheap, so it always runs on the whole latent, and is exact.
+    vae_decoder_tiled  hidden (1, M, th, tw), gn_stats (L, 2, G), gn_mix (L,), gn_weight (1, 1, th, tw)
+                         -> sample (1, 3, 8th, 8tw), gn_local (L, 2, G)
+                       the up blocks and output layers, where the activations (and the memory) are;
+                       every GroupNorm blends its own statistics (mean, mean of squares per group) with
+                       the given ones, per layer: gn_mix 0 = the tile's own (exactly the plain decoder), 1 = given.
+                       gn_local reports each GroupNorm's input statistics weighted by gn_weight (the
+                       tile's share of each pixel in the blend), so that their sum over tiles is exactly
+                       the whole image's; a plain mean over each tile would count overlaps twice.
 
-The runtime (edge/vae_tiling.py) decodes every tile once with its own statistics, averages them over
-the image, and decodes again with the averages (and again, if asked), so every tile normalises as the
-whole image would. The modules are built explicitly around the diffusers decoder's own GroupNorms; the
-decoder itself is not modified (its GroupNorms are swapped only inside `forward`).
+The runtime (edge/vae_tiling.py) runs the head once, then the tail over tiles of `hidden` once to pool
+their statistics and again with them, so every tile normalises as the whole image would. What is left
+between tiled and whole decoding is the convolutions' zero padding at tile borders, which the overlap
+and the blend absorb. The modules are built explicitly around the diffusers decoder's own layers; the
+decoder itself is not modified (its GroupNorms are swapped only inside the tail's `forward`).
 """
 
 from __future__ import annotations
@@ -19,39 +30,66 @@ import torch
 
 
 class _SharedStatsNorm(torch.nn.Module):
-    """One GroupNorm that blends its own statistics with given ones and reports its own."""
+    """One GroupNorm that blends its own statistics with given ones, and reports its own weighted by the
+    tile's blend weights (so that the runtime's pooled statistics are exactly the whole image's)."""
 
     def __init__(self, norm: torch.nn.GroupNorm, index: int, context: dict):
         super().__init__()
         self.norm, self.index, self.context = norm, index, context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
+        b, c, h, w = x.shape
         g = self.norm.num_groups
         grouped = x.reshape(b, g, -1)  # (B, G, C/G * H * W)
         mean = grouped.mean(dim=2)  # (B, G)
         msq = (grouped * grouped).mean(dim=2)  # (B, G)
-        self.context["local"][self.index] = torch.stack([mean[0], msq[0]])  # (2, G)
-        mix = self.context["mix"]
+        weight = torch.nn.functional.interpolate(self.context["weight"], size=(h, w), mode="nearest")  # (1, 1, H, W)
+        weight = weight.reshape(1, 1, 1, h * w)
+        per_channel = x.reshape(b, g, c // g, h * w)  # (B, G, C/G, H * W)
+        total = weight.sum() * (c // g)
+        reported = torch.stack([(per_channel * weight).sum(dim=(2, 3))[0] / total,
+                                (per_channel * per_channel * weight).sum(dim=(2, 3))[0] / total])  # (2, G)
+        self.context["local"][self.index] = reported
+        mix = self.context["mix"][self.index]  # ()
         given = self.context["given"][self.index]  # (2, G)
         mean_used = mix * given[0] + (1 - mix) * mean  # (B, G)
         var_used = mix * given[1] + (1 - mix) * msq - mean_used * mean_used
         out = (grouped - mean_used[..., None]) / torch.sqrt(var_used[..., None] + self.norm.eps)
-        out = out.reshape(x.shape)  # (B, C, H, W), or (B, C, S) in the mid-block attention
+        out = out.reshape(x.shape)  # (B, C, H, W)
         if self.norm.affine:
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            out = out * self.norm.weight.reshape(shape) + self.norm.bias.reshape(shape)
+            out = out * self.norm.weight.reshape(1, c, 1, 1) + self.norm.bias.reshape(1, c, 1, 1)
         return out
 
 
-class SharedStatsVaeDecoder(torch.nn.Module):
-    """`vae.decode` with every decoder GroupNorm replaced by `_SharedStatsNorm` for the call."""
+class VaeDecoderHead(torch.nn.Module):
+    """The decoder up to and including its mid block, at latent resolution: (1, C, h, w) -> (1, M, h, w)."""
 
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
         self.vae = vae
-        self.names = [n for n, m in vae.decoder.named_modules() if isinstance(m, torch.nn.GroupNorm)]
-        groups = {dict(vae.decoder.named_modules())[n].num_groups for n in self.names}
+
+    @property
+    def channels(self) -> int:
+        return self.vae.decoder.conv_in.out_channels
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        z = latent_sample
+        if self.vae.post_quant_conv is not None:
+            z = self.vae.post_quant_conv(z)  # (1, C, h, w)
+        decoder = self.vae.decoder
+        return decoder.mid_block(decoder.conv_in(z), None)  # (1, M, h, w)
+
+
+class SharedStatsVaeDecoderTail(torch.nn.Module):
+    """The decoder after its mid block, every GroupNorm replaced by `_SharedStatsNorm` for the call."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+        decoder = vae.decoder
+        self.names = [n for n, m in decoder.named_modules()
+                      if isinstance(m, torch.nn.GroupNorm) and n.startswith(("up_blocks.", "conv_norm_out"))]
+        groups = {decoder.get_submodule(n).num_groups for n in self.names}
         if len(groups) != 1:
             raise ValueError(f"the VAE decoder's GroupNorms use {sorted(groups)} groups; shared statistics "
                              "need one group count")
@@ -61,18 +99,21 @@ class SharedStatsVaeDecoder(torch.nn.Module):
     def layers(self) -> int:
         return len(self.names)
 
-    def forward(self, latent_sample: torch.Tensor, gn_stats: torch.Tensor,
-                gn_mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context = {"given": gn_stats, "mix": gn_mix, "local": {}}
-        modules = dict(self.vae.decoder.named_modules())
-        originals = {n: modules[n] for n in self.names}
+    def forward(self, hidden: torch.Tensor, gn_stats: torch.Tensor, gn_mix: torch.Tensor,
+                gn_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context = {"given": gn_stats, "mix": gn_mix, "weight": gn_weight, "local": {}}
+        decoder = self.vae.decoder
+        originals = {n: decoder.get_submodule(n) for n in self.names}
         try:
             for k, n in enumerate(self.names):
-                _set(self.vae.decoder, n, _SharedStatsNorm(originals[n], k, context))
-            image = self.vae.decode(latent_sample, return_dict=False)[0]  # (1, 3, 8h, 8w)
+                _set(decoder, n, _SharedStatsNorm(originals[n], k, context))
+            x = hidden  # (1, M, h, w)
+            for block in decoder.up_blocks:
+                x = block(x)  # resolution doubles per block but the last
+            image = decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))  # (1, 3, 8h, 8w)
         finally:
             for n, m in originals.items():
-                _set(self.vae.decoder, n, m)
+                _set(decoder, n, m)
         if len(context["local"]) != self.layers:
             raise RuntimeError(f"expected {self.layers} GroupNorm calls, saw {len(context['local'])}")
         return image, torch.stack([context["local"][k] for k in range(self.layers)])  # (L, 2, G)

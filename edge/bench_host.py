@@ -70,6 +70,11 @@ def _run_quiet(cmd: list[str], what: str, log_path: Path, echo: Log | None = Non
         raise BenchError(f"{what} failed (exit {proc.returncode}); full log: {log_path}\n{tail}")
 
 
+# How `--arch NAME --random-weights` converts: spelled out (and part of the cache key), so a bundle built under
+# older converter defaults is rebuilt rather than measured.
+ARCH_CONVERT_ARGS = ["--attention", "fused", "--precision", "fp32"]
+
+
 def arch_bundle(arch: str, log: Log, seed: int = 0) -> tuple[Path, Path]:
     """The cached bundle of `arch` with random weights and the diffusers folder it came from (the peers run
     that folder), building either when missing or when the architecture's configs changed."""
@@ -80,29 +85,34 @@ def arch_bundle(arch: str, log: Log, seed: int = 0) -> tuple[Path, Path]:
     digest = hashlib.sha256()
     for f in sorted(folder.rglob("*.json")):
         digest.update(f.relative_to(folder).as_posix().encode() + f.read_bytes())
-    stamp = {"arch": arch, "seed": seed, "configs_sha256": digest.hexdigest()}
+    stamp = {"arch": arch, "seed": seed, "configs_sha256": digest.hexdigest(), "convert": ARCH_CONVERT_ARGS}
     root = cache_dir()
     model, bundle = root / "models" / f"{arch}-random", root / "bundles" / f"{arch}-random"
     stamp_file = bundle.with_name(bundle.name + ".source.json")
-    if (bundle / "manifest.json").is_file() and model.is_dir() and _read_json(stamp_file) == stamp:
+    old = _read_json(stamp_file) or {}
+    if (bundle / "manifest.json").is_file() and model.is_dir() and old == stamp:
         log(f"[cache] {bundle} (random {arch})")
         return bundle, model
-    for path in (model, bundle, stamp_file):
+    same_model = model.is_dir() and {k: old.get(k) for k in ("arch", "seed", "configs_sha256")} == \
+        {k: stamp[k] for k in ("arch", "seed", "configs_sha256")}
+    for path in ((bundle, stamp_file) if same_model else (model, bundle, stamp_file)):
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
     logs = root / "logs"
-    partial = model.with_name(model.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if not same_model:
+        partial = model.with_name(model.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        t = time.perf_counter()
+        log(f"[cache] building {arch} with random weights (fp32) -> {model}")
+        _run_quiet([sys.executable, "-m", "edge.converters.arch", arch, "--seed", str(seed), "--save", str(partial)],
+                   f"building {arch}", logs / f"build-{arch}.log", echo=lambda s: log(f"[cache]   {s}"))
+        os.replace(partial, model)
+        log(f"[cache] built in {time.perf_counter() - t:.0f}s")
+    log(f"[cache] converting {model} -> {bundle} ({' '.join(ARCH_CONVERT_ARGS)}; minutes at full size)")
     t = time.perf_counter()
-    log(f"[cache] building {arch} with random weights (fp32) -> {model}")
-    _run_quiet([sys.executable, "-m", "edge.converters.arch", arch, "--seed", str(seed), "--save", str(partial)],
-               f"building {arch}", logs / f"build-{arch}.log", echo=lambda s: log(f"[cache]   {s}"))
-    os.replace(partial, model)
-    log(f"[cache] built in {time.perf_counter() - t:.0f}s; converting -> {bundle} (minutes at full size)")
-    t = time.perf_counter()
-    _run_quiet([sys.executable, "-m", "edge.cli", "convert", str(model), "-o", str(bundle)],
+    _run_quiet([sys.executable, "-m", "edge.cli", "convert", str(model), "-o", str(bundle), *ARCH_CONVERT_ARGS],
                f"converting {arch}", logs / f"convert-{arch}.log", echo=lambda s: log(f"[cache]   {s}"))
     stamp_file.write_text(json.dumps(stamp) + "\n")
     log(f"[cache] converted in {time.perf_counter() - t:.0f}s")

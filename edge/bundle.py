@@ -15,7 +15,9 @@ from typing import Any
 
 FORMAT_VERSION = 2  # 2: attention, quantization, UNet chunks, memory measurements
 MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_tiled")  # the last is optional
+# The last two are optional: the VAE decoder cut for tiled decoding (converters/tiled_vae.py). Bundles of
+# the first format-2 converters have a "vae_decoder_tiled" that takes latents and no head.
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head", "vae_decoder_tiled")
 
 
 class BundleError(ValueError):

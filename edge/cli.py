@@ -38,18 +38,31 @@ def _convert(a: argparse.Namespace) -> int:
     options = Options(attention=a.attention, attention_chunk=a.attention_chunk, precision=a.precision,
                       quantize_ops=ops, min_psnr_db=a.min_psnr, split_unet=a.split_unet,
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
-                      tiled_vae=not a.no_tiled_vae)
+                      tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
+                      coreml=_coreml_options(a))
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
     return 0
 
 
+def _coreml_options(a: argparse.Namespace):
+    """The Core ML target's options, when it is asked for (they check --compile's toolchain at once)."""
+    if "coreml" not in a.target:
+        return None
+    from edge.converters.coreml.convert import CoreMLOptions
+
+    return CoreMLOptions(deployment_target=a.coreml_target, compression=a.coreml_compression,
+                         split_unet=a.split_unet, max_chunk_mb=a.max_chunk_mb,
+                         compute_precision=a.coreml_precision, compile=a.compile)
+
+
 def _generate(a: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
     from edge.png import save_png
 
-    pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget)
+    pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
+                         compute_units=a.compute_units)
     if a.memory_budget is not None:
         plan = pipe.plan_for(*_size(pipe, a), num_images=a.num_images, guided=a.guidance > 1)
         print(plan.describe(), file=sys.stderr)
@@ -110,6 +123,10 @@ def _info(a: argparse.Namespace) -> int:
               f"{len(c.chunks) or 1:>7}  {kernel}")
     total = sum(c.bytes for c in m.components.values())
     print(f"total {format_bytes(total)}")
+    from edge.coreml_backend import describe  # the manifest's Core ML section, if any (reads JSON only)
+
+    for line in describe(a.bundle):
+        print(line)
     return 0
 
 
@@ -139,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="diffusers folder or cached Hub id with the configs of a single-file checkpoint")
     c.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickles (they can run code)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    c.add_argument("--attention", default="original", help="attention kernel: original, sliced, split_einsum")
+    c.add_argument("--attention", default="fused",
+                   help="attention kernel (kernels/attention.py): fused (onnxruntime's flash attention node; default), "
+                        "original, sliced (with --attention-chunk), split_einsum")
     c.add_argument("--attention-chunk", type=int, help="query rows per slice for --attention sliced")
     c.add_argument("--precision", default="fp32", help="fp32, fp16, int8 or int4 weights")
     c.add_argument("--quantize-ops", help="op types whose weights int8/int4 convert (default MatMul,Gemm; "
@@ -155,6 +174,14 @@ def _parser() -> argparse.ArgumentParser:
                    "under a tight budget uses (tiles then normalise on their own and colours drift)")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "
                    "evaluation set (edge.eval) and record it in the manifest")
+    c.add_argument("--target", default="onnx", help="graphs to write: onnx, coreml, or onnx,coreml")
+    c.add_argument("--coreml-target", default="iOS17", help="Core ML minimum OS: iOS16, iOS17, iOS18, macOS13, "
+                   "macOS14, macOS15 (iOS18/macOS15: per-block and grouped-palette compression)")
+    c.add_argument("--coreml-compression", help="Core ML weights: int8, palettize6 or palettize4 (default fp16)")
+    c.add_argument("--coreml-precision", default="auto", help="Core ML compute: auto (fp16, fp32 where fp16 "
+                   "measures below 35 dB), fp16, fp32")
+    c.add_argument("--compile", action="store_true", help="also compile the Core ML models to .mlmodelc "
+                   "(macOS, Xcode's coremlcompiler)")
     c.set_defaults(run=_convert)
 
     g = sub.add_parser("generate", help="generate images from a prompt")
@@ -169,6 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")
+    g.add_argument("--compute-units", default="cpu_and_ne", help="Core ML: all, cpu_only, cpu_and_gpu, cpu_and_ne")
     g.add_argument("-o", "--output", default="out.png", help="PNG path (an index is added for several images)")
     g.add_argument("--memory-budget", help="stay within this much memory, e.g. 4GB (see `edge plan`)")
     g.set_defaults(run=_generate)

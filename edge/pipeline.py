@@ -34,17 +34,27 @@ class Result:
     latents: np.ndarray = field(repr=False)  # (N, C, h, w) final latents, before decoding
 
 
-def session_options(threads: int | None = None, memory_arena: bool = False) -> ort.SessionOptions:
-    """How every graph is opened (the memory probes open them the same way).
+OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
-    Graph optimisation stops at "extended": the "all" level's NCHWc layout rewrite keeps a second,
-    re-laid-out copy of every convolution weight. Measured on SD 1.5 (2-core x86): VAE decoder resident
-    390 -> 204 MB, UNet quarter 996 -> 918 MB (load peak 1611 -> 943 MB), and no slower (3.7-4.8 s vs
-    4.8-5.3 s per call).
+
+def session_options(threads: int | None = None, memory_arena: bool = False,
+                    optimization: str = "extended") -> ort.SessionOptions:
+    """How every graph is opened (the memory probes open them the same way, at "extended").
+
+    `optimization` is onnxruntime's graph optimisation level. "all" adds the NCHWc layout rewrite: faster
+    convolutions, for a second, re-laid-out copy of every convolution weight and a larger transient while
+    loading. Measured on SD 1.5 (2-core x86, fused attention): UNet call ~15 % faster at "all" (interleaved
+    in one process: 9.0 vs 10.7 s best, 17.4 vs 20.6 s CPU), ~0.2 GB more resident; VAE decoder resident
+    390 vs 204 MB, UNet quarter load peak 1611 vs 943 MB. So: "all" when memory is not counted, "extended"
+    under a budget (the planner's measurements are taken at "extended").
     """
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"unknown graph optimisation {optimization!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}")
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = memory_arena
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     if threads is not None:
         options.intra_op_num_threads = threads
     return options
@@ -69,12 +79,13 @@ class Pipeline:
         self._verified: set[str] = set()
         self._base_rss = rss_bytes()  # the process before any graph: what the planner adds to
         self.plan: Plan | None = None  # the plan of the latest generate() (or of load())
-        self.timed_calls: list[tuple[str, float, float]] | None = None  # set to a list to log every graph run
+        self.timed_calls: list[tuple[str, float, float]] | None = None  # a list logs every graph run (UNet: per call)
 
     @classmethod
     def load(cls, bundle: Path | str, *, threads: int | None = None, verify: bool = True,
              providers: list[str] | None = None, memory_arena: bool = False,
-             memory_budget: str | int | None = None, preload: bool = True) -> "Pipeline":
+             memory_budget: str | int | None = None, preload: bool = True, backend: str = "onnx",
+             compute_units: str = "cpu_and_ne", optimization: str | None = None) -> "Pipeline":
         """Open a bundle; `verify` checks every graph's sha256 against the manifest before it is loaded.
 
         `memory_budget` ("4GB", "1.5GiB", bytes) plans every generate() to stay within it (see edge.plan):
@@ -82,11 +93,26 @@ class Pipeline:
         Without one, every component is loaded now and stays resident (`preload=False`: at first use).
         `memory_arena` keeps onnxruntime's CPU arena, which holds on to its largest activations between
         calls (faster allocation, GBs more resident for a full-size UNet); off by default, as on a device.
+        `optimization` is onnxruntime's graph optimisation level (see session_options): by default "all"
+        without a budget (fastest) and "extended" under one (leaner; what the planner's figures assume).
+        `backend="coreml"` runs the bundle's Core ML graphs on macOS (edge.coreml_backend; `compute_units`:
+        all, cpu_only, cpu_and_gpu, cpu_and_ne).
         """
+        if backend == "coreml":
+            from edge.coreml_backend import CoreMLPipeline
+
+            return CoreMLPipeline.load_coreml(bundle, compute_units=compute_units, verify=verify,
+                                              memory_budget=memory_budget, preload=preload)
+        if backend != "onnx":
+            raise ValueError(f"unknown backend {backend!r}; choose 'onnx' or 'coreml'")
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
+        if not manifest.components:
+            raise ValueError(f"{bundle} holds only Core ML graphs: load it with backend='coreml' (macOS)")
         budget = None if memory_budget is None else parse_bytes(memory_budget)
-        options = session_options(threads, memory_arena)
+        if optimization is None:
+            optimization = "all" if budget is None else "extended"
+        options = session_options(threads, memory_arena, optimization)
         providers = ["CPUExecutionProvider"] if providers is None else providers
         tok = ClipTokenizer(bundle / manifest.tokenizer["vocab"], bundle / manifest.tokenizer["merges"],
                             max_length=manifest.text_max_length, pad_token=manifest.pad_token)
@@ -173,7 +199,11 @@ class Pipeline:
             yield x
 
     def unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
-        """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk."""
+        """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk.
+
+        Logged in `timed_calls` as one "unet" entry: all its chunks, and loading those not resident.
+        """
+        start = time.time()
         env = {"sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float32),
                "encoder_hidden_states": context}
         component = self.manifest.components["unet"]
@@ -186,25 +216,37 @@ class Pipeline:
             session = sessions[k] if k < keep else self._load_graph(component, k)
             names = [o.name for o in session.get_outputs()]
             feeds = {i.name: env[i.name] for i in session.get_inputs()}
-            env.update(zip(names, self._run("unet", session, names, feeds)))
+            env.update(zip(names, session.run(names, feeds)))
             del session, feeds
             if chunk is not None:
                 env = {n: v for n, v in env.items() if last_use.get(n, -1) > k or n == "noise_pred"}
+        if self.timed_calls is not None:
+            self.timed_calls.append(("unet", start, time.time()))
         return env["noise_pred"]
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         z = (latents / np.float32(self.manifest.vae_scaling_factor)).astype(np.float32)  # (1, C, h, w)
         tile = None if self.plan is None else self.plan.vae_tile
         scale = self.manifest.vae_scale_factor
-        if tile is not None and "vae_decoder_tiled" in self.manifest.components:  # shared GroupNorm statistics
+        components = self.manifest.components
+        if tile is not None and "vae_decoder_tiled" in components:  # shared GroupNorm statistics
+            tiled = components["vae_decoder_tiled"]
             shared = self._open("vae_decoder_tiled")[0]
-            stats_shape = tuple(self.manifest.components["vae_decoder_tiled"].inputs[1].shape)
+            first = tiled.inputs[0].name  # "hidden": the tail of a cut decoder; "latent_sample": older bundles
+            if first == "hidden":  # the head (mid block) runs on the whole latent, the tail per tile
+                head = self._open("vae_decoder_head")[0]
+                z = self._run("vae_decoder", head, None, {"latent_sample": z})[0]  # (1, M, h, w)
 
-            def run_shared(part: np.ndarray, stats: np.ndarray, mix: float) -> tuple[np.ndarray, np.ndarray]:
-                feeds = {"latent_sample": part, "gn_stats": stats, "gn_mix": np.array([mix], np.float32)}
+            def run_shared(part: np.ndarray, stats: np.ndarray, mix: float,
+                           weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                gn_mix = np.full(tiled.inputs[2].shape, mix, np.float32)  # per layer, or (1,) in older graphs
+                feeds = {first: part, "gn_stats": stats, "gn_mix": gn_mix}
+                if first == "hidden":  # older tiled graphs report plain per-tile means
+                    feeds["gn_weight"] = weight
                 image, local = self._run("vae_decoder", shared, None, feeds)
                 return image, local  # (1, 3, th*s, tw*s), (L, 2, G)
 
+            stats_shape = tuple(tiled.inputs[1].shape)
             image = decode_tiled_shared(run_shared, z, tile, self.plan.vae_overlap, scale, stats_shape)[0]
             return _to_pil(image)
         session = self._open("vae_decoder")[0]

@@ -5,9 +5,11 @@ Neighbouring tiles overlap, and in each overlap the two are blended with weights
 from one tile to the other, so no seam shows. Pure numpy; `decode` is any callable, e.g. an
 onnxruntime session wrapped in a lambda.
 
-Caveat: the blend is exact only for a decoder without global operations. An SD VAE's GroupNorm (and its
-mid-block attention) sees only the tile, so each tile's colours drift from the full decode; on the tiny
-default model, 8- and 12-latent tiles land 4-19 dB PSNR from it. Prefer the largest tile memory allows.
+The blend alone is exact only for a decoder without global operations. An SD VAE's GroupNorms and its
+mid-block attention see only the tile, so with `decode_tiled` each tile's colours drift from the full
+decode. `decode_tiled_shared` runs the decoder cut in two (edge.converters.tiled_vae): the mid block on the
+whole latent, and the rest per tile with the whole image's GroupNorm statistics, pooled from the tiles.
+Measured on the default model: benchmarks/RESULTS.md ("Tiled VAE decoding").
 """
 
 from __future__ import annotations
@@ -94,17 +96,21 @@ def decode_tiled(decode: Decode, latents: np.ndarray, tile: int, overlap: int, s
     return image / total  # (1, 3, H, W); every pixel has weight > 0
 
 
-StatsDecode = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+# (tile, gn_stats, gn_mix, gn_weight) -> (image tile, the tile's statistics weighted by gn_weight)
+StatsDecode = Callable[[np.ndarray, np.ndarray, float, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def decode_tiled_shared(decode: StatsDecode, latents: np.ndarray, tile: int, overlap: int, scale: int,
                         stats_shape: tuple[int, int, int], passes: int = 2) -> np.ndarray:
     """`decode_tiled` with the GroupNorm statistics of the whole image shared by every tile.
 
-    `decode(tile, gn_stats, gn_mix)` -> (image tile, the tile's own statistics (L, 2, G)) is a decoder made
-    by edge.converters.tiled_vae. Pass 1 decodes every tile with its own statistics and averages them,
-    each tile weighted by its share of the blend; each later pass decodes with the previous average (and
-    averages again); the last pass's tiles are blended. Two passes cost twice a tiled decode.
+    `decode(tile, gn_stats, gn_mix, gn_weight)` -> (image tile, the tile's statistics (L, 2, G) weighted by
+    gn_weight (1, 1, th, tw)) is the tail of a decoder cut by edge.converters.tiled_vae (`latents` are then
+    the head's output). Each tile's weight map is its share of every pixel in the blend (the shares of all
+    tiles sum to 1 at every pixel), so the tiles' statistics, summed by share, are the whole image's.
+    Pass 1 decodes every tile with its own statistics; each later pass decodes with the previous pooled
+    statistics and pools again, which corrects deeper layers, whose inputs depend on the normalisation of
+    earlier ones; the last pass's tiles are blended. `passes` passes cost `passes` tiled decodes.
     """
     if passes < 2:
         raise ValueError(f"passes must be >= 2 (one to gather statistics, one to apply them), got {passes}")
@@ -117,19 +123,22 @@ def decode_tiled_shared(decode: StatsDecode, latents: np.ndarray, tile: int, ove
     for r, wr in zip(rows, row_s):
         for c, wc in zip(cols, col_s):
             cover[r : r + th, c : c + tw] += np.outer(wr, wc)
-    share = {(r, c): float((np.outer(wr, wc) / cover[r : r + th, c : c + tw]).sum()) / (h * w)
-             for r, wr in zip(rows, row_s) for c, wc in zip(cols, col_s)}  # sums to 1
+    weights = {(r, c): (np.outer(wr, wc) / cover[r : r + th, c : c + tw])[None, None].astype(np.float32)
+               for r, wr in zip(rows, row_s) for c, wc in zip(cols, col_s)}  # (1, 1, th, tw), sum to 1 per pixel
+    share = {rc: float(wt.sum()) / (h * w) for rc, wt in weights.items()}  # sums to 1
 
     given, mix = np.zeros(stats_shape, np.float32), 0.0
     for _ in range(passes - 1):
         pooled = np.zeros(stats_shape, np.float64)
         for (r, c), part in share.items():
-            _, local = decode(np.ascontiguousarray(latents[:, :, r : r + th, c : c + tw]), given, mix)
+            _, local = decode(np.ascontiguousarray(latents[:, :, r : r + th, c : c + tw]), given, mix, weights[r, c])
             pooled += part * local
         given, mix = pooled.astype(np.float32), 1.0
 
+    ones = np.ones((1, 1, th, tw), np.float32)
+
     def with_shared_stats(z: np.ndarray) -> np.ndarray:
-        return decode(z, given, mix)[0]
+        return decode(z, given, mix, ones)[0]
 
     return decode_tiled(with_shared_stats, latents, tile, overlap, scale)
 

@@ -19,7 +19,7 @@ from edge.kernels.attention import KERNELS, get_kernel
 from edge.kernels.processor import KernelAttnProcessor, use_attention
 
 TOL = 1e-4
-CHUNKED = [("original", None), ("sliced", 7), ("split_einsum", None)]
+CHUNKED = [("original", None), ("sliced", 7), ("split_einsum", None), ("fused", None)]
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float | None) -> np.ndarray:
@@ -143,6 +143,22 @@ def test_sliced_unet_onnx_runs_at_another_latent_size(pipe, tmp_path):
     layers = len(pipe.unet.attn_processors)
     loops = sum(n.op_type == "Loop" for n in onnx.load(str(files[0])).graph.node)
     assert loops == layers, f"expected one ONNX Loop per attention layer ({layers}), found {loops}"
+
+
+def test_fused_unet_onnx_is_one_attention_node_per_layer(pipe, tmp_path):
+    """`fused` leaves one onnxruntime MultiHeadAttention node per layer and no score matrix (no Softmax) behind."""
+    from edge.converters.onnx_export import component_specs, export, parity
+
+    (tmp_path / "scratch").mkdir()
+    with kernel_in(pipe.unet, "fused", None):
+        spec = next(s for s in component_specs(pipe) if s.name == "unet")
+        g = torch.Generator().manual_seed(0)
+        files, _ = export(spec, tmp_path / "unet.onnx", spec.example(g, 8, 8), tmp_path / "scratch")
+        check = parity(spec, files[0], spec.example(g, 12, 16))
+    assert check["max_abs_diff"] <= TOL, check
+    ops = [n.op_type for n in onnx.load(str(files[0])).graph.node]
+    assert ops.count("MultiHeadAttention") == len(pipe.unet.attn_processors)
+    assert "Softmax" not in ops
 
 
 def test_bad_kernel_name_lists_known_names(pipe):
