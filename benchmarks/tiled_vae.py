@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> None:
             z = (z / np.float32(pipe.manifest.vae_scaling_factor)).astype(np.float32)
             full = whole.run(None, {"latent_sample": z})[0]
             hidden = head.run(None, {"latent_sample": z})[0]
+            up = hidden.shape[2] // z.shape[2]  # head output pixels per latent pixel
             for tile, overlap in TILES:
                 local = psnr(full, decode_tiled(lambda x: whole.run(None, {"latent_sample": x})[0], z, tile, overlap, scale))
-                cut = psnr(full, decode_tiled_shared(shared, hidden, tile, overlap, scale, shape))
+                cut = psnr(full, decode_tiled_shared(shared, hidden, tile * up, overlap * up, scale // up, shape))
                 row = f"| {z.shape[2]}x{z.shape[3]} \"{prompt}\" | {tile}/{overlap} | {local:.1f} dB | {cut:.1f} dB |"
                 if args.reference:
-                    row += f" {psnr(full, one_layer_per_pass(tail, hidden, tile, overlap, scale, shape)):.1f} dB |"
+                    exact = one_layer_per_pass(tail, hidden, tile * up, overlap * up, scale // up, shape)
+                    row += f" {psnr(full, exact):.1f} dB |"
                 print(row, flush=True)
 
 

@@ -186,7 +186,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     if options.profile_memory and components:
         sample = pipe.unet.config.sample_size
         latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
-        for name in PROFILED:
+        for name in (n for n in PROFILED if n in components):
             components[name]["memory"] = profile_component(tmp, {"name": name, **components[name]}, latent_hw,
                                                            m, options.threads, log)
 

@@ -123,13 +123,14 @@ def tiled_vae_specs(pipe) -> list[Spec]:
 
     def example(g, h, w):
         """Hidden features, and as given statistics those of other features: the graph must apply them (gn_mix 1)."""
+        h, w = h * head.upscale, w * head.upscale
         x, other = torch.randn(1, m, h, w, generator=g), torch.randn(1, m, h, w, generator=g)
         weight = torch.rand(1, 1, h, w, generator=g)  # any positive blend weights
         with torch.no_grad():
             stats = tail(other, torch.zeros(L, 2, G), torch.zeros(L), weight)[1]  # (L, 2, G)
         return x, stats, torch.ones(L), weight
 
-    hidden = {"name": "hidden", "dtype": "float32", "shape": [1, m, "height", "width"]}
+    hidden = {"name": "hidden", "dtype": "float32", "shape": [1, m, "hidden_height", "hidden_width"]}
     return [
         Spec("vae_decoder_head", head,
              [{"name": "latent_sample", "dtype": "float32", "shape": [1, c, "height", "width"]}], [hidden],
@@ -137,7 +138,7 @@ def tiled_vae_specs(pipe) -> list[Spec]:
         Spec("vae_decoder_tiled", tail,
              [hidden, {"name": "gn_stats", "dtype": "float32", "shape": [L, 2, G]},
               {"name": "gn_mix", "dtype": "float32", "shape": [L]},
-              {"name": "gn_weight", "dtype": "float32", "shape": [1, 1, "height", "width"]}],
+              {"name": "gn_weight", "dtype": "float32", "shape": [1, 1, "hidden_height", "hidden_width"]}],
              [{"name": "sample", "dtype": "float32", "shape": [1, 3, "image_height", "image_width"]},
               {"name": "gn_local", "dtype": "float32", "shape": [L, 2, G]}],
              example),

@@ -5,11 +5,12 @@ A tile decoded alone differs from the same pixels decoded whole in two ways: eve
 with the tile's statistics instead of the image's, and the mid-block attention attends only within the
 tile. So the decoder is split where its resolution starts to grow:
 
-    vae_decoder_head   latent_sample (1, C, h, w) -> hidden (1, M, h, w)
-                       post_quant_conv, conv_in and the mid block (resnets + attention), at latent
-                       resolution: cheap, so it always runs on the whole latent, and is exact.
+    vae_decoder_head   latent_sample (1, C, h, w) -> hidden (1, M, 2h, 2w)
+                       post_quant_conv, conv_in, the mid block (resnets + attention) and the first up
+                       block (HEAD_UP_BLOCKS), at up to twice the latent resolution: small activations,
+                       so it always runs on the whole latent, and is exact.
     vae_decoder_tiled  hidden (1, M, th, tw), gn_stats (L, 2, G), gn_mix (L,), gn_weight (1, 1, th, tw)
-                         -> sample (1, 3, 8th, 8tw), gn_local (L, 2, G)
+                         -> sample (1, 3, 4th, 4tw), gn_local (L, 2, G)
                        the up blocks and output layers, where the activations (and the memory) are;
                        every GroupNorm blends its own statistics (mean, mean of squares per group) with
                        the given ones, per layer: gn_mix 0 = the tile's own (exactly the plain decoder), 1 = given.
@@ -61,34 +62,50 @@ class _SharedStatsNorm(torch.nn.Module):
         return out
 
 
-class VaeDecoderHead(torch.nn.Module):
-    """The decoder up to and including its mid block, at latent resolution: (1, C, h, w) -> (1, M, h, w)."""
+HEAD_UP_BLOCKS = 1  # up blocks run whole, in the head: SD at 512 px, a (1, 512, 128, 128) output, 32 MB
 
-    def __init__(self, vae: torch.nn.Module):
+
+class VaeDecoderHead(torch.nn.Module):
+    """The decoder up to its first `up_blocks` up blocks: (1, C, h, w) -> (1, M, 2^k h, 2^k w)."""
+
+    def __init__(self, vae: torch.nn.Module, up_blocks: int = HEAD_UP_BLOCKS):
         super().__init__()
-        self.vae = vae
+        if not 0 <= up_blocks < len(vae.decoder.up_blocks):
+            raise ValueError(f"the head can take 0 to {len(vae.decoder.up_blocks) - 1} up blocks, not {up_blocks}")
+        self.vae, self.up_blocks = vae, up_blocks
 
     @property
     def channels(self) -> int:
-        return self.vae.decoder.conv_in.out_channels
+        decoder = self.vae.decoder
+        if self.up_blocks == 0:
+            return decoder.conv_in.out_channels
+        return decoder.up_blocks[self.up_blocks - 1].resnets[-1].out_channels
+
+    @property
+    def upscale(self) -> int:
+        """Head output pixels per latent pixel."""
+        return 2 ** self.up_blocks
 
     def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
         z = latent_sample
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)  # (1, C, h, w)
         decoder = self.vae.decoder
-        return decoder.mid_block(decoder.conv_in(z), None)  # (1, M, h, w)
+        x = decoder.mid_block(decoder.conv_in(z), None)  # (1, M, h, w)
+        for block in decoder.up_blocks[: self.up_blocks]:
+            x = block(x)  # each doubles the resolution (all but the last up block upsample)
+        return x  # (1, M, 2^k h, 2^k w)
 
 
 class SharedStatsVaeDecoderTail(torch.nn.Module):
     """The decoder after its mid block, every GroupNorm replaced by `_SharedStatsNorm` for the call."""
 
-    def __init__(self, vae: torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, up_blocks: int = HEAD_UP_BLOCKS):
         super().__init__()
-        self.vae = vae
+        self.vae, self.first = vae, up_blocks  # the first up block that runs here
         decoder = vae.decoder
-        self.names = [n for n, m in decoder.named_modules()
-                      if isinstance(m, torch.nn.GroupNorm) and n.startswith(("up_blocks.", "conv_norm_out"))]
+        mine = tuple(f"up_blocks.{k}." for k in range(up_blocks, len(decoder.up_blocks))) + ("conv_norm_out",)
+        self.names = [n for n, m in decoder.named_modules() if isinstance(m, torch.nn.GroupNorm) and n.startswith(mine)]
         groups = {decoder.get_submodule(n).num_groups for n in self.names}
         if len(groups) != 1:
             raise ValueError(f"the VAE decoder's GroupNorms use {sorted(groups)} groups; shared statistics "
@@ -107,8 +124,8 @@ class SharedStatsVaeDecoderTail(torch.nn.Module):
         try:
             for k, n in enumerate(self.names):
                 _set(decoder, n, _SharedStatsNorm(originals[n], k, context))
-            x = hidden  # (1, M, h, w)
-            for block in decoder.up_blocks:
+            x = hidden  # (1, M, 2^k h, 2^k w)
+            for block in decoder.up_blocks[self.first :]:
                 x = block(x)  # resolution doubles per block but the last
             image = decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))  # (1, 3, 8h, 8w)
         finally:

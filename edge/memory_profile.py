@@ -17,7 +17,8 @@ from typing import Callable
 
 from edge.memprobe import fit_activation, probe
 
-PROFILED = ("text_encoder", "unet", "vae_decoder")  # what `edge generate` loads
+# What `edge generate` loads; the head of the cut VAE decoder (tiled decoding) where the bundle has one.
+PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head")
 MIN_SIDE = 32  # latent pixels
 
 
@@ -84,7 +85,7 @@ def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str
     data = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
     latent = tuple(d // m.vae_scale_factor for d in m.default_size)
     multiple = m.size_multiple // m.vae_scale_factor
-    for name in PROFILED:
+    for name in (n for n in PROFILED if n in data["components"]):
         record = data["components"][name]
         record["memory"] = profile_component(bundle, {"name": name, **record}, latent, multiple, threads, log)
     write_manifest(bundle, data)

@@ -233,9 +233,12 @@ class Pipeline:
             tiled = components["vae_decoder_tiled"]
             shared = self._open("vae_decoder_tiled")[0]
             first = tiled.inputs[0].name  # "hidden": the tail of a cut decoder; "latent_sample": older bundles
-            if first == "hidden":  # the head (mid block) runs on the whole latent, the tail per tile
+            up, overlap = 1, self.plan.vae_overlap
+            if first == "hidden":  # the head (mid block, first up block) runs on the whole latent, the tail per tile
                 head = self._open("vae_decoder_head")[0]
-                z = self._run("vae_decoder", head, None, {"latent_sample": z})[0]  # (1, M, h, w)
+                hidden = self._run("vae_decoder", head, None, {"latent_sample": z})[0]  # (1, M, 2^k h, 2^k w)
+                up = hidden.shape[2] // z.shape[2]
+                z, tile, overlap, scale = hidden, tile * up, overlap * up, scale // up
 
             def run_shared(part: np.ndarray, stats: np.ndarray, mix: float,
                            weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +250,7 @@ class Pipeline:
                 return image, local  # (1, 3, th*s, tw*s), (L, 2, G)
 
             stats_shape = tuple(tiled.inputs[1].shape)
-            image = decode_tiled_shared(run_shared, z, tile, self.plan.vae_overlap, scale, stats_shape)[0]
+            image = decode_tiled_shared(run_shared, z, tile, overlap, scale, stats_shape)[0]
             return _to_pil(image)
         session = self._open("vae_decoder")[0]
 

@@ -131,10 +131,16 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
         peaks += [kept + max(lp, r + a) for lp, r, a in zip(unet.load_peak[keep:], unet.resident[keep:], act[keep:])]
         return max(peaks)
 
+    head = manifest.components.get("vae_decoder_head")
+    head = _Graphs.of(head) if head is not None and head.memory else None  # tiles decode after a whole-latent head
+
     def vae_peak(tile: int | None) -> int:
         th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
         image = 3 * height * width * 4 * (1 if tile is None else 3)  # output (+ weighted sum and weights)
-        return max(vae.load_peak[0], vae.resident[0] + vae.run(th * tw, 1)[0] + image)
+        act = vae.run(th * tw, 1)[0]  # the plain decoder on a tile: more than the tail alone needs
+        if tile is not None and head is not None:  # + the head on the whole latent, and its output kept
+            act = max(act, head.run(h * w, 1)[0]) + head.carry[0].get("a", 0.0) * h * w
+        return max(vae.load_peak[0], vae.resident[0] + int(act) + image)
 
     tiles = [None] + [t for t in VAE_TILES if t < max(h, w)]
 

@@ -194,12 +194,15 @@ def test_tiles_sharing_groupnorm_statistics_match_the_whole_decode(small):
         return tuple(tail.run(None, feeds))
 
     full = run(z)
-    hidden = head.run(None, {"latent_sample": z})[0]  # (1, M, 16, 16)
-    own, _ = run_shared(hidden, np.zeros(shape, np.float32), 0.0, np.ones((1, 1, 16, 16), np.float32))
+    hidden = head.run(None, {"latent_sample": z})[0]  # (1, M, 16 up, 16 up): the head's first up block upsamples
+    up = hidden.shape[2] // z.shape[2]
+    assert up == 2 and hidden.shape[2:] == (32, 32)
+    own, _ = run_shared(hidden, np.zeros(shape, np.float32), 0.0, np.ones((1, 1, 32, 32), np.float32))
     assert psnr(full, own) > 100  # head + tail with gn_mix 0 is the plain decoder
-    local = psnr(full, decode_tiled(run, z, 12, 4, 8))
-    pooled = psnr(full, decode_tiled_shared(run_shared, hidden, 12, 4, 8, shape))
-    assert pooled > local + 5 and pooled >= 35.0, (local, pooled)
+    for tile, overlap in [(12, 4), (8, 4), (6, 2)]:  # in latent pixels; measured 43.2, 40.3, 36.5 dB
+        local = psnr(full, decode_tiled(run, z, tile, overlap, 8))
+        pooled = psnr(full, decode_tiled_shared(run_shared, hidden, tile * up, overlap * up, 8 // up, shape))
+        assert pooled > local + 10 and pooled >= 35.0, (tile, overlap, local, pooled)
     # and the pipeline takes that path when its plan tiles
     forced = _Forced.load(small)
     image = np.asarray(forced.decode(z * pipe.manifest.vae_scaling_factor), np.float64)
