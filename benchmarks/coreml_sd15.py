@@ -29,22 +29,25 @@ from edge.converters.coreml.convert import CoreMLOptions, build_coreml
 torch.set_num_threads(int(sys.argv[5]))
 out = Path(sys.argv[2]); out.mkdir(parents=True)
 compression = None if sys.argv[3] == "none" else sys.argv[3]
+split = None if sys.argv[7] == "none" else int(sys.argv[7])
 section = build_coreml(open_source(sys.argv[1]).pipe, out, CoreMLOptions(compression=compression,
-                                                                          deployment_target=sys.argv[6]),
+                                                                          deployment_target=sys.argv[6], split_unet=split),
                        only=tuple(sys.argv[4].split(",")))
 (out / "manifest.json").write_text(json.dumps({"coreml": section}))
 """
 
 
 def convert_measured(source: str, out: Path, compression: str, target: str, only: str | None, threads: int,
-                     log: Path) -> dict:
+                     log: Path, split: int | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if only is None:
         argv = [sys.executable, "-m", "edge.cli", "convert", source, "-o", str(out), "--target", "coreml",
                 "--overwrite", "--coreml-target", target] + ([] if compression == "none" else
-                                                              ["--coreml-compression", compression])
+                                                              ["--coreml-compression", compression]) + \
+               ([] if split is None else ["--split-unet", str(split)])
     else:
-        argv = [sys.executable, "-c", ONLY_SCRIPT, source, str(out), compression, only, str(threads), target]
+        argv = [sys.executable, "-c", ONLY_SCRIPT, source, str(out), compression, only, str(threads), target,
+                str(split).lower()]
     t = time.perf_counter()
     with open(log, "w") as f:
         status, peak = run_measured(argv, stdout=f, stderr=f)
@@ -93,6 +96,7 @@ def main() -> None:
     ap.add_argument("source", nargs="?", default=str(SD15))
     ap.add_argument("--compressions", default="none", help="comma-separated: none, int8, palettize6, palettize4")
     ap.add_argument("--deployment-target", default="iOS17", help="iOS17, iOS18 (per-block / grouped palettes), ...")
+    ap.add_argument("--split-unet", type=int, help="UNet chunks (default: the fewest under 1 GB each)")
     ap.add_argument("--only", help="comma-separated graphs (text_encoder, unet, vae_decoder, vae_encoder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("build/sd15-coreml"))
@@ -102,7 +106,7 @@ def main() -> None:
     runs = []
     for compression in a.compressions.split(","):
         log = a.output / f"coreml-{Path(a.source).name}-{compression}-{a.deployment_target}.log"
-        run = convert_measured(a.source, a.out, compression, a.deployment_target, a.only, a.threads, log)
+        run = convert_measured(a.source, a.out, compression, a.deployment_target, a.only, a.threads, log, a.split_unet)
         runs.append(run)
         print(f"{compression}: status {run['status']}, {run['wall_s']}s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB",
               flush=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 from edge.converters.convert import Options, convert
 
 VARIANTS = {
-    "fp32": Options(),
+    "fp32": Options(),  # fused attention, the default
+    "fp32 original": Options(attention="original"),
     "fp16": Options(precision="fp16"),
     "int8": Options(precision="int8"),
     "int8+conv": Options(precision="int8", quantize_ops=("MatMul", "Gemm", "Conv")),

@@ -35,7 +35,7 @@ def _convert(a: argparse.Namespace) -> int:
         raise ValueError(f"edge convert needs the converter extra ({e.name} is missing): "
                          "pip install 'edge-diffusion[convert]'") from None
     ops = None if a.quantize_ops is None else tuple(o.strip() for o in a.quantize_ops.split(",") if o.strip())
-    options = Options(attention=a.attention, attention_chunk=a.attention_chunk, precision=a.precision,
+    options = Options(attention=a.attention or "fused", attention_chunk=a.attention_chunk, precision=a.precision,
                       quantize_ops=ops, min_psnr_db=a.min_psnr, split_unet=a.split_unet,
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
                       tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
@@ -54,7 +54,8 @@ def _coreml_options(a: argparse.Namespace):
 
     return CoreMLOptions(deployment_target=a.coreml_target, compression=a.coreml_compression,
                          split_unet=a.split_unet, max_chunk_mb=a.max_chunk_mb,
-                         compute_precision=a.coreml_precision, compile=a.compile)
+                         compute_precision=a.coreml_precision, compile=a.compile,
+                         attention=a.attention or "split_einsum")
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -156,9 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="diffusers folder or cached Hub id with the configs of a single-file checkpoint")
     c.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt pickles (they can run code)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    c.add_argument("--attention", default="fused",
-                   help="attention kernel (kernels/attention.py): fused (onnxruntime's flash attention node; default), "
-                        "original, sliced (with --attention-chunk), split_einsum")
+    c.add_argument("--attention",
+                   help="attention kernel (kernels/attention.py). ONNX: fused (onnxruntime's flash attention node; "
+                        "default), original, sliced (with --attention-chunk), split_einsum. Core ML: split_einsum "
+                        "(Neural Engine; default) or original (GPU)")
     c.add_argument("--attention-chunk", type=int, help="query rows per slice for --attention sliced")
     c.add_argument("--precision", default="fp32", help="fp32, fp16, int8 or int4 weights")
     c.add_argument("--quantize-ops", help="op types whose weights int8/int4 convert (default MatMul,Gemm; "

@@ -172,6 +172,25 @@ def test_rewrite_matches_diffusers(pipe):
                     split_einsum_bc1s(bc1s(q), bc1s(k), bc1s(v), 8).squeeze(2).transpose(1, 2).numpy()) >= 60
 
 
+def test_gpu_attention_matches_diffusers_too(pipe):
+    """`--attention original` for Core ML: batched-matmul attention (the GPU's form) in the same modules."""
+    from edge.converters.coreml.ane import AttentionANE, use_attention
+    from edge.converters.coreml.vae import DecoderANE
+
+    g = torch.Generator().manual_seed(2)
+    unet, decoder = use_attention(UNetANE.from_diffusers(pipe.unet), "original"), use_attention(DecoderANE(pipe.vae), "original")
+    layers = [m for m in unet.modules() if isinstance(m, AttentionANE)]
+    assert layers and all(m.attention_kernel == "original" for m in layers)
+    x, t, ctx = torch.randn(2, 4, 8, 16, generator=g), torch.tensor([1.0, 700.0]), torch.randn(2, 77, 64, generator=g)
+    z = torch.randn(1, 4, 8, 16, generator=g)
+    with torch.no_grad():
+        assert psnr(pipe.unet(x, t, ctx, return_dict=False)[0].numpy(),
+                    unet(x, t, ctx.transpose(1, 2).unsqueeze(2)).numpy()) >= 60
+        assert psnr(pipe.vae.decode(z, return_dict=False)[0].numpy(), decoder(z).numpy()) >= 60
+    with pytest.raises(ValueError, match="choose one of split_einsum, original"):
+        use_attention(unet, "fused")
+
+
 @pytest.mark.parametrize("layout", ["DownBlock2D/UpBlock2D", "SD 2.x linear projections, heads per block"])
 def test_rewrite_matches_diffusers_across_unet_layouts(layout):
     from diffusers import UNet2DConditionModel
@@ -255,6 +274,8 @@ def test_bad_options_get_one_clear_error(tmp_path):
         CoreMLOptions(deployment_target="iOS12")
     with pytest.raises(CoreMLError, match="--split-unet 0"):
         CoreMLOptions(split_unet=0)
+    with pytest.raises(CoreMLError, match="Core ML attention 'fused'"):
+        CoreMLOptions(attention="fused")
     with pytest.raises(ConvertError, match="unknown target 'tflite'"):
         Options(targets=("tflite",))
 

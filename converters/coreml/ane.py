@@ -74,12 +74,39 @@ def split_einsum_bc1s(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     return torch.cat(outs, dim=1)  # (B, C, 1, Sq)
 
 
+def original_bc1s(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The same in batched matmuls, heads along a batch axis: the form the GPU runs best (Apple's
+    "ORIGINAL" attention); the Neural Engine prefers `split_einsum_bc1s`."""
+    d = q.shape[1] // heads
+    qs = (q * d ** -0.5).split(d, dim=1)  # heads x (B, d, 1, Sq): split, not reshape, as coremltools wants
+    q = torch.stack(qs, dim=1).squeeze(3).transpose(2, 3)  # (B, H, Sq, d)
+    k = torch.stack(k.split(d, dim=1), dim=1).squeeze(3)  # (B, H, d, Sk)
+    v = torch.stack(v.split(d, dim=1), dim=1).squeeze(3).transpose(2, 3)  # (B, H, Sk, d)
+    out = torch.matmul(torch.matmul(q, k).softmax(dim=-1), v)  # (B, H, Sq, d)
+    return torch.cat(out.transpose(2, 3).unbind(1), dim=1).unsqueeze(2)  # (B, C, 1, Sq)
+
+
+# Core ML attention kernels, chosen by `--attention` for the Core ML target (edge.converters.coreml.convert).
+ATTENTION = {"split_einsum": split_einsum_bc1s, "original": original_bc1s}
+
+
+def use_attention(module: nn.Module, kernel: str) -> nn.Module:
+    """Set the attention kernel of every rewritten attention layer in `module`; returns `module`."""
+    if kernel not in ATTENTION:
+        raise ValueError(f"Core ML attention {kernel!r}: choose one of {', '.join(ATTENTION)}")
+    for m in module.modules():
+        if hasattr(m, "attention_kernel"):
+            m.attention_kernel = kernel
+    return module
+
+
 class AttentionANE(nn.Module):
     """diffusers `Attention` (self or cross) on (B, C, 1, S); the context for cross-attention is (B, D, 1, 77)."""
 
     def __init__(self, to_q: nn.Conv2d, to_k: nn.Conv2d, to_v: nn.Conv2d, to_out: nn.Conv2d, heads: int):
         super().__init__()
         self.to_q, self.to_k, self.to_v, self.to_out, self.heads = to_q, to_k, to_v, to_out, heads
+        self.attention_kernel = "split_einsum"  # or "original": see use_attention
 
     @classmethod
     def from_diffusers(cls, attn) -> "AttentionANE":
@@ -91,7 +118,7 @@ class AttentionANE(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context  # (B, D, 1, Sk)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, C, 1, Sq), (B, C, 1, Sk) x2
-        return self.to_out(split_einsum_bc1s(q, k, v, self.heads))  # (B, C, 1, Sq)
+        return self.to_out(ATTENTION[self.attention_kernel](q, k, v, self.heads))  # (B, C, 1, Sq)
 
 
 class FeedForwardANE(nn.Module):

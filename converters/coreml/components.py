@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from edge.converters.coreml.ane import use_attention
 from edge.converters.coreml.unet import UNetANE
 from edge.converters.coreml.vae import DecoderANE, EncoderANE
 
@@ -80,9 +81,10 @@ def _f32(name: str, shape: list[int]) -> dict:
     return {"name": name, "dtype": "float32", "shape": shape}
 
 
-def graphs(pipe, latent_hw: tuple[int, int], only: tuple[str, ...] | None = None) -> Iterator[Graph]:
+def graphs(pipe, latent_hw: tuple[int, int], only: tuple[str, ...] | None = None,
+           attention: str = "split_einsum") -> Iterator[Graph]:
     """The graphs (default all four) at latent size `latent_hw`, from a diffusers StableDiffusionPipeline (fp32,
-    eval), built one at a time as iterated."""
+    eval), built one at a time as iterated; UNet and VAE attention computed by `attention` (ane.ATTENTION)."""
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     seq, dim, vocab = te.config.max_position_embeddings, te.config.hidden_size, te.config.vocab_size
     ctx_dim, c = unet.config.cross_attention_dim, vae.config.latent_channels
@@ -137,4 +139,6 @@ def graphs(pipe, latent_hw: tuple[int, int], only: tuple[str, ...] | None = None
     for name in only if only is not None else tuple(makers):
         if name not in makers:
             raise ValueError(f"unknown Core ML graph {name!r}; expected some of {tuple(makers)}")
-        yield makers[name]()  # one at a time: a full-size UNet rewrite holds GBs
+        graph = makers[name]()  # one at a time: a full-size UNet rewrite holds GBs
+        use_attention(graph.module, attention)
+        yield graph

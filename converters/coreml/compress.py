@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -73,13 +74,12 @@ def compress(mlmodel, compression: str, target: str, block_size: int = 32):
 _SUFFIX = re.compile(r"(_to_fp16)?_(quantized|palettized)$")
 
 
-def decompressed_weights(mlmodel) -> dict[str, np.ndarray]:
-    """Const name (the torch parameter path with `_` for `.`) -> the weight the compressed program computes."""
-    out = {}
+def decompressed_weights(mlmodel) -> Iterator[tuple[str, np.ndarray]]:
+    """(const name: the torch parameter path with `_` for `.`, the weight the compressed program computes),
+    one at a time: a full-size UNet's weights decompressed at once would be GBs."""
     for op in mlmodel._mil_program.functions["main"].operations:
         if op.op_type.startswith("constexpr_"):
-            out[_SUFFIX.sub("", op.name)] = np.asarray(op.materialized_val_inference(), dtype=np.float32)
-    return out
+            yield _SUFFIX.sub("", op.name), np.asarray(op.materialized_val_inference(), dtype=np.float32)
 
 
 def weight_op_types(mlmodel) -> dict[str, int]:
@@ -114,12 +114,12 @@ def stored_weights(package) -> list[dict]:
 def torch_side_psnr(module: torch.nn.Module, mlmodel, inputs: tuple[torch.Tensor, ...]) -> dict:
     """Output PSNR of `module` with the compressed weights vs its fp32 self, and the worst weight's PSNR."""
     by_const = _suffix_index([name for name, _ in module.named_parameters()])
-    weights = decompressed_weights(mlmodel)
     changed = copy.deepcopy(module)
     params = dict(changed.named_parameters())
-    worst, matched = float("inf"), 0
+    worst, matched, compressed = float("inf"), 0, 0
     with torch.no_grad():
-        for const, value in weights.items():
+        for const, value in decompressed_weights(mlmodel):
+            compressed += 1
             name = _lookup(by_const, const)
             if name is None or tuple(params[name].shape) != value.shape:
                 continue
@@ -129,7 +129,7 @@ def torch_side_psnr(module: torch.nn.Module, mlmodel, inputs: tuple[torch.Tensor
         ref, got = _outputs(module, inputs), _outputs(changed, inputs)
     return {"output_psnr_db": round(min(psnr(r, g) for r, g in zip(ref, got)), 2),
             "min_weight_psnr_db": round(worst, 2) if matched else None,
-            "weights_compressed": len(weights), "weights_checked": matched}
+            "weights_compressed": compressed, "weights_checked": matched}
 
 
 def _suffix_index(names: list[str]) -> dict[str, str | None]:

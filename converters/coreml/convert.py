@@ -27,6 +27,7 @@ import torch
 
 from edge.bundle import sha256_file
 from edge.converters.coreml import compress as cmp
+from edge.converters.coreml.ane import ATTENTION
 from edge.converters.coreml.components import APPLE_NAMES, UNET_BATCH, Graph, graphs
 from edge.converters.coreml.unet import make_chunks, plan_chunks
 from edge.metrics import max_abs_diff, psnr
@@ -54,6 +55,7 @@ class CoreMLOptions:
     max_chunk_mb: float | None = None  # weight limit per UNet chunk (default 1000 MB)
     compute_precision: str = "auto"  # auto (fp16, fp32 where fp16 measures below 35 dB), fp16, fp32
     compile: bool = False  # also write .mlmodelc with xcrun coremlcompiler (macOS only)
+    attention: str = "split_einsum"  # split_einsum (Neural Engine) or original (GPU): ane.ATTENTION
 
     def __post_init__(self) -> None:
         if self.deployment_target not in DEPLOYMENT_TARGETS:
@@ -68,6 +70,9 @@ class CoreMLOptions:
             raise CoreMLError(f"--split-unet {self.split_unet}: expected a number of chunks >= 1")
         if self.max_chunk_mb is not None and self.max_chunk_mb <= 0:
             raise CoreMLError(f"--max-chunk-mb {self.max_chunk_mb}: expected a positive size")
+        if self.attention not in ATTENTION:
+            raise CoreMLError(f"Core ML attention {self.attention!r}: choose split_einsum (Neural Engine) or "
+                              f"original (GPU)")
         if self.compile:
             compiler()  # refuse now, before an hour of conversion
 
@@ -108,7 +113,7 @@ def build_coreml(pipe, bundle: Path, options: CoreMLOptions, log: Callable[[str]
     latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
     g = torch.Generator().manual_seed(0)
     components = {}
-    for graph in graphs(pipe, latent_hw, only):
+    for graph in graphs(pipe, latent_hw, only, options.attention):
         t = time.perf_counter()
         inputs = graph.example(g)
         if graph.name == "unet":
@@ -327,7 +332,7 @@ def _component(graph: Graph, packages: list[Path], precision: str, parity: dict,
         "inputs": graph.inputs,
         "outputs": graph.outputs,
         "parity": parity,
-        "attention": {} if graph.name == "text_encoder" else {"kernel": "split_einsum", "layout": "(B, C, 1, S)"},
+        "attention": {} if graph.name == "text_encoder" else {"kernel": options.attention, "layout": "(B, C, 1, S)"},
         "quantization": record,
         "memory": _estimated_memory(graph, [_weight_bytes(p) for p in packages]),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge.converters.coreml.ane import conv_from_linear, same, split_einsum_bc1s
+from edge.converters.coreml.ane import ATTENTION, conv_from_linear, same
 
 
 class VAEAttentionANE(nn.Module):
@@ -26,10 +26,12 @@ class VAEAttentionANE(nn.Module):
         self.to_q, self.to_k, self.to_v = (conv_from_linear(m) for m in (attn.to_q, attn.to_k, attn.to_v))
         self.to_out, self.heads = conv_from_linear(attn.to_out[0]), attn.heads
         self.rescale = float(attn.rescale_output_factor)
+        self.attention_kernel = "split_einsum"  # or "original": see ane.use_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x).flatten(2).unsqueeze(2)  # (B, C, 1, S)
-        y = self.to_out(split_einsum_bc1s(self.to_q(y), self.to_k(y), self.to_v(y), self.heads))  # (B, C, 1, S)
+        attend = ATTENTION[self.attention_kernel]
+        y = self.to_out(attend(self.to_q(y), self.to_k(y), self.to_v(y), self.heads))  # (B, C, 1, S)
         return (y.reshape(x.shape) + x) / self.rescale  # (B, C, H, W)
 
 
