@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from edge.bundle import MANIFEST, BundleError, Component, parse_manifest
-from edge.pipeline import STAGES, Pipeline
+from edge.pipeline import Pipeline
 from edge.plan import BudgetError, Plan, parse_bytes
-from edge.tokenizer import ClipTokenizer
 
 COMPUTE_UNITS = {"all": "ALL", "cpu_only": "CPU_ONLY", "cpu_and_gpu": "CPU_AND_GPU", "cpu_and_ne": "CPU_AND_NE"}
 RENAMED = {"latent_sample": "z"}  # ONNX feed name -> Apple's graph input
@@ -152,16 +151,8 @@ class CoreMLPipeline(Pipeline):
         if not (bundle / MANIFEST).is_file():
             raise BundleError(f"{bundle} is not an edge bundle: it has no {MANIFEST}")
         manifest = coreml_manifest(bundle)
-        tok = ClipTokenizer(bundle / manifest.tokenizer["vocab"], bundle / manifest.tokenizer["merges"],
-                            max_length=manifest.text_max_length, pad_token=manifest.pad_token)
         budget = None if memory_budget is None else parse_bytes(memory_budget)
-        pipe = cls(bundle, manifest, None, [], tok, budget, verify)
-        pipe.compute_units = compute_units
-        pipe.plan = pipe.plan_for(*manifest.default_size)
-        if pipe.plan.resident and preload:
-            for name in STAGES:
-                pipe._open(name)
-        return pipe
+        return cls._start(bundle, manifest, None, [], budget, verify, preload, compute_units=compute_units)
 
     def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True) -> Plan:
         plan = super().plan_for(height, width, num_images, guided)

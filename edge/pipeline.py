@@ -114,9 +114,18 @@ class Pipeline:
             optimization = "all" if budget is None else "extended"
         options = session_options(threads, memory_arena, optimization)
         providers = ["CPUExecutionProvider"] if providers is None else providers
+        return cls._start(bundle, manifest, options, providers, budget, verify, preload)
+
+    @classmethod
+    def _start(cls, bundle: Path, manifest: Manifest, options, providers: list[str], budget: int | None,
+               verify: bool, preload: bool, **attributes) -> "Pipeline":
+        """A pipeline over a read manifest: tokenizer, the plan for the default size, and (if everything
+        stays resident) every stage loaded now. A budget no plan meets raises BudgetError here."""
         tok = ClipTokenizer(bundle / manifest.tokenizer["vocab"], bundle / manifest.tokenizer["merges"],
                             max_length=manifest.text_max_length, pad_token=manifest.pad_token)
         pipe = cls(bundle, manifest, options, providers, tok, budget, verify)
+        for name, value in attributes.items():  # backend settings that planning and loading read
+            setattr(pipe, name, value)
         pipe.plan = pipe.plan_for(*manifest.default_size)
         if pipe.plan.resident and preload:
             for name in STAGES:

@@ -64,8 +64,11 @@ def test_interrupted_convert_leaves_no_bundle(models, tmp_path):
     """Kill the converter once it has started writing graphs: nothing may appear under the target name."""
     target = tmp_path / "bundle"
     for sig in (signal.SIGINT, signal.SIGKILL):
+        # SIGINT back to its default in the child: a shell's background job (`make test &`) ignores SIGINT,
+        # the child would inherit that, and Python would then never raise KeyboardInterrupt.
         proc = subprocess.Popen([*EDGE, "convert", str(models["folder-epsilon"]), "-o", str(target)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while not any(tmp_path.glob(".bundle.partial-*/*.onnx")) and time.time() < deadline:
             time.sleep(0.05)
