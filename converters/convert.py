@@ -22,7 +22,7 @@ from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
 from edge.kernels.processor import use_attention
 from edge.memory_profile import PROFILED, profile_component
 from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_specs
-from edge.converters.quantize import PRECISIONS, mixed_precision, psnr_parity, quantize
+from edge.converters.quantize import PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source
 from edge.converters.split import run_chunks, split_graph
 from edge.metrics import psnr

@@ -150,7 +150,7 @@ class Pipeline:
         sched.set_timesteps(steps)
         rng = np.random.default_rng(seed)
         latents = self._initial_latents(latents, num_images, height, width, rng)
-        self.plan = plan = self.plan_for(height, width, latents.shape[0], guided=guidance > 1)
+        self.plan = self.plan_for(height, width, latents.shape[0], guided=guidance > 1)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
