@@ -2,7 +2,7 @@
 
 Runs on the device runtime (no torch), so every precision, kernel and backend is scored the same way.
 
-    python -m edge.eval.fidelity BUNDLE [--steps 25] [--guidance 5] [--scheduler pndm] [-o report.json]
+    python -m edge.eval.fidelity BUNDLE [--steps 25] [--guidance 5] [--scheduler euler] [-o report.json]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ GROUPS = ("held_out", "seen", "two_object")
 FIELDS = ("background", "color", "shape", "position", "all")
 
 
-def evaluate_bundle(bundle: Path | str, *, steps: int = 25, guidance: float = 5.0, scheduler: str = "pndm",
+def evaluate_bundle(bundle: Path | str, *, steps: int = 25, guidance: float = 5.0, scheduler: str = "euler",
                     seed: int = 0, limit: int | None = None, threads: int | None = None,
                     grid: Path | None = None) -> dict:
     """Accuracy per field, overall and per group; prompt k uses seed `seed + k`."""
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--scheduler", default="pndm")
+    ap.add_argument("--scheduler", default="euler")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, help="only the first N prompts")
     ap.add_argument("--threads", type=int)
