@@ -84,7 +84,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{format_bytes(b['bytes_on_disk'])} on disk). {_setup_line(r)}", "",
         *_table([(r["label"], run) for run in r["runs"] if run.get("ok")], with_label=False), "",
         "Cold start = imports + loading (edge: onnxruntime session creation and sha256 checks; sessions: "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in edge_run["sessions_s"].items())
+        + (", ".join(f"{k} {v:.2f} s" for k, v in edge_run["sessions_s"].items())
+           or "none, a budget's stages open their graphs during generation")
         + f"; sha256 checks and the rest {edge_run['load_other_s']:.2f} s). "
         "Text encoder and VAE decode: per generation. End-to-end: one generation, model loaded (median "
         "over repeats). Peak RSS: whole process, the kernel's high-water mark.", "",
