@@ -21,6 +21,7 @@ VARIANTS = {
     "fp16": Options(precision="fp16"),
     "int8": Options(precision="int8"),
     "int8+conv": Options(precision="int8", quantize_ops=("MatMul", "Gemm", "Conv")),
+    "int8 static": Options(precision="int8", activations="static"),  # calibrated QLinearConv UNet
     "int4": Options(precision="int4"),
     "fp32 sliced(16)": Options(attention="sliced", attention_chunk=16),
     "fp32 split_einsum": Options(attention="split_einsum"),

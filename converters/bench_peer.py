@@ -4,7 +4,8 @@ instead of edge, run on the same model, size, steps, scheduler, prompt and initi
 Run by path with whichever Python has the peer installed (the optimum peer lives in its own virtual
 environment), so this file imports only the standard library at the top, and never imports `edge`:
 
-    python bench_peer.py SPEC.json      # SPEC: {"peer": "diffusers" | "optimum", "mode": "run" | "export", ...}
+    python bench_peer.py SPEC.json      # SPEC: {"peer": "diffusers" | "diffusers-int8" | "optimum" | "optimum-int8",
+                                        #        "mode": "run" | "export" | "quantize", ...}
 
 It writes SPEC["out_json"] (timings of its own calls, the peak RSS the kernel recorded for this process)
 and the first generation's image. Memory over time is sampled from outside, by the harness.
@@ -85,13 +86,17 @@ def load_diffusers(spec: dict, calls: list):
         torch.set_num_threads(spec["threads"])
     pipe = StableDiffusionPipeline.from_pretrained(spec["model"], torch_dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
+    precision = "eager fp32"
+    if spec["peer"] == "diffusers-int8":  # torch's own CPU int8 without calibration: dynamic, Linear layers only
+        pipe.unet = torch.ao.quantization.quantize_dynamic(pipe.unet, {torch.nn.Linear}, dtype=torch.qint8)
+        precision = "eager, int8 dynamic Linear in the UNet"
     _time_torch_module(pipe.text_encoder, "text_encoder", calls)
     _time_torch_module(pipe.unet, "unet", calls)
     _time_torch_module(pipe.vae.decoder, "vae_decoder", calls)
     import diffusers
 
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
-    runtime = f"diffusers {diffusers.__version__} (torch {torch.__version__.split('+')[0]}, eager fp32)"
+    runtime = f"diffusers {diffusers.__version__} (torch {torch.__version__.split('+')[0]}, {precision})"
     return pipe, versions, runtime, "torch CPU"
 
 
@@ -110,7 +115,8 @@ def load_optimum(spec: dict, calls: list):
         part.session = TimedSession(part.session, stage, calls)
     versions = {"optimum": optimum.version.__version__, "onnxruntime": ort.__version__,
                 "diffusers": diffusers.__version__}
-    runtime = f"optimum {optimum.version.__version__} (onnxruntime {ort.__version__}, CPU)"
+    kind = ", int8 UNet (ORTQuantizer avx512_vnni, dynamic)" if spec["peer"] == "optimum-int8" else ""
+    runtime = f"optimum {optimum.version.__version__} (onnxruntime {ort.__version__}, CPU{kind})"
     return pipe, versions, runtime, "CPUExecutionProvider"
 
 
@@ -129,6 +135,29 @@ def export_optimum(spec: dict) -> None:
         import shutil
 
         shutil.rmtree(staging)
+
+
+def quantize_optimum(spec: dict) -> None:
+    """The int8 a user of optimum gets: `ORTQuantizer` with its AVX-512 VNNI config (dynamic, uint8
+    activations, int8 weights, its default operators: Conv and MatMul among them) on the UNet of the fp32
+    export, the other parts shared with it by hard links. Cached like the export."""
+    import os
+    import shutil
+
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    fp32, out = Path(spec["fp32_dir"]), Path(spec["optimum_dir"])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(fp32, tmp, copy_function=os.link, ignore=lambda d, names: names if Path(d).name == "unet" else [])
+    quantizer = ORTQuantizer.from_pretrained(fp32 / "unet", file_name="model.onnx")
+    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
+    written = quantizer.quantize(config, tmp / "unet", use_external_data_format=True)
+    graph = next(Path(written).glob("*quantized.onnx"))
+    graph.rename(tmp / "unet" / "model.onnx")  # the pipeline loads unet/model.onnx; the data file keeps its name
+    shutil.copy2(fp32 / "unet" / "config.json", tmp / "unet" / "config.json")
+    tmp.rename(out)
 
 
 def _for_old_transformers(model: Path, staging: Path) -> Path:
@@ -199,7 +228,7 @@ def run(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    if peer == "diffusers":  # the library's import is part of a user's cold start
+    if peer.startswith("diffusers"):  # the library's import is part of a user's cold start
         from diffusers import StableDiffusionPipeline  # noqa: F401
     else:
         from optimum.onnxruntime import ORTStableDiffusionPipeline  # noqa: F401
@@ -208,7 +237,7 @@ def run(spec: dict) -> dict:
     print(f"[{peer}] imported in {import_s:.1f}s; loading", file=sys.stderr, flush=True)
     load_start = time.time()
     t = time.perf_counter()
-    pipe, versions, runtime, provider = (load_diffusers if peer == "diffusers" else load_optimum)(spec, calls)
+    pipe, versions, runtime, provider = (load_diffusers if peer.startswith("diffusers") else load_optimum)(spec, calls)
     load_s = time.perf_counter() - t
     load_end = time.time()
     print(f"[{peer}] loaded in {load_s:.1f}s", file=sys.stderr, flush=True)
@@ -275,6 +304,9 @@ def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     if spec["mode"] == "export":
         export_optimum(spec)
+        return 0
+    if spec["mode"] == "quantize":
+        quantize_optimum(spec)
         return 0
     result = run(spec)
     Path(spec["out_json"]).write_text(json.dumps(result), encoding="utf-8")

@@ -22,7 +22,8 @@ from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
 from edge.kernels.processor import use_attention
 from edge.memory_profile import PROFILED, profile_component
 from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_specs
-from edge.converters.quantize import PRECISIONS, mixed_precision, psnr_parity
+from edge.converters.calibrate import calibrate
+from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source
 from edge.converters.split import run_chunks, split_graph
 from edge.metrics import psnr
@@ -36,6 +37,9 @@ MIN_PSNR_VS_FP32 = {"fp16": 40.0, "int8": 30.0, "int4": 25.0}
 # weights, which the VAE (convolutions) hardly has: it stays fp32 there.
 QUANTIZED = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head", "vae_decoder_tiled"),
              "int8": ("text_encoder", "unet"), "int4": ("text_encoder", "unet")}
+# int8 with static activations calibrates these on their own denoising trajectories (converters/calibrate.py),
+# Conv included. The VAE decoder stays fp32 (see converters/calibrate.py).
+STATIC_INT8 = ("unet",)
 TARGETS = ("onnx", "coreml")
 ATTENTION_KERNELS = ("original", "sliced", "split_einsum", "fused")
 
@@ -48,6 +52,7 @@ class Options:
     attention_chunk: int | None = None  # query rows per slice, for "sliced"
     precision: str = "fp32"  # fp32, fp16, int8, int4
     quantize_ops: tuple[str, ...] | None = None  # int8/int4 op types (default MatMul, Gemm)
+    activations: str = "dynamic"  # int8: "static" calibrates the UNet's Conv activations (QLinearConv)
     min_psnr_db: float | None = None  # vs fp32, below which layers are kept at fp32 (default by precision)
     split_unet: int | None = None  # UNet chunks
     max_chunk_mb: float | None = None  # or: the fewest chunks under this many MB of weights each
@@ -68,6 +73,13 @@ class Options:
             raise ConvertError(f"--attention-chunk applies to --attention sliced, not {self.attention!r}")
         if self.precision not in PRECISIONS:
             raise ConvertError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.activations not in ACTIVATIONS:
+            raise ConvertError(f"unknown activations {self.activations!r}; choose one of {ACTIVATIONS}")
+        if self.activations == "static" and self.precision != "int8":
+            raise ConvertError(f"--activations static applies to --precision int8, not {self.precision!r}")
+        if self.activations == "static" and self.quantize_ops is not None and "Conv" not in self.quantize_ops:
+            raise ConvertError(f"--activations static calibrates convolutions; --quantize-ops "
+                               f"{','.join(self.quantize_ops)} has no Conv")
         if self.split_unet is not None and self.max_chunk_mb is not None:
             raise ConvertError("give --split-unet N or --max-chunk-mb M, not both")
         if self.split_unet is not None and self.split_unet < 1:
@@ -104,6 +116,7 @@ def convert(
     log(f"loaded {source} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove_stale_partials(out)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / ".scratch").mkdir(parents=True)
     try:
@@ -157,9 +170,17 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
                 f"{PARITY_MIN_PSNR_DB} dB, max-abs-diff {check['max_abs_diff']:.3g})"
             )
         feeds = {i["name"]: x.numpy() for i, x in zip(spec.inputs, parity_inputs)}
+        if spec.name == "unet" and "coreml" not in options.targets:
+            pipe.unet.to("meta")  # exported and checked: free its weights (3.4 GB for SD 1.5) before quantizing
         record: dict[str, Any] = {"precision": "fp32", "quantization": {}}
         if options.precision in QUANTIZED and spec.name in QUANTIZED[options.precision]:
-            record = _lower_precision(path, feeds, options, external_data_over, tmp / ".scratch")
+            calibration, check_feeds = None, feeds
+            if options.activations == "static" and spec.name in STATIC_INT8:
+                t_cal = time.perf_counter()
+                calibration, check_feeds = calibrate(pipe, path, threads=options.threads)
+                log(f"  {spec.name:<12} {len(calibration)} calibration inputs and 1 held-out trajectory "
+                    f"from the fp32 graph's own denoising  {time.perf_counter() - t_cal:.1f}s")
+            record = _lower_precision(path, check_feeds, options, external_data_over, tmp / ".scratch", calibration)
             files = [tmp / f for f in record["quantization"]["files"]]
         chunks = None
         if spec.name == "unet" and (options.split_unet or options.max_chunk_mb):
@@ -249,8 +270,9 @@ def _attention_layers(model):
 
 
 def _lower_precision(path: Path, feeds: dict, options: Options, external_data_over: int,
-                     scratch: Path) -> dict[str, Any]:
-    """Replace the fp32 graph at `path` by its `options.precision` copy; keep layers at fp32 if needed."""
+                     scratch: Path, calibration: list[dict] | None = None) -> dict[str, Any]:
+    """Replace the fp32 graph at `path` by its `options.precision` copy; keep layers at fp32 if needed.
+    With `calibration` (int8, static activations) the Conv activation ranges are measured once on it."""
     fp32 = scratch / path.name
     for f in [path, path.with_name(path.name + ".data")]:
         if f.exists():
@@ -259,6 +281,9 @@ def _lower_precision(path: Path, feeds: dict, options: Options, external_data_ov
     kwargs = {"external_data_over": external_data_over}
     if options.quantize_ops and options.precision in ("int8", "int4"):
         kwargs["ops"] = options.quantize_ops
+    if calibration:
+        kwargs.update(activations="static", calibration=calibration,
+                      calibration_cache=scratch / f"{path.stem}.calibration.json")
     result = mixed_precision(fp32, path, options.precision, psnr_parity(fp32, feeds), min_psnr, **kwargs)
     report = result["quantize"]
     for f in scratch.iterdir():
@@ -268,12 +293,15 @@ def _lower_precision(path: Path, feeds: dict, options: Options, external_data_ov
         "quantization": {
             "precision": options.precision,
             "psnr_vs_fp32_db": round(result["psnr_db"], 2),
+            # static int8 is checked where its scales were fitted: on a held-out trajectory, not random inputs
+            "psnr_inputs": "held-out denoising trajectory" if calibration else "random",
             "psnr_all_quantized_db": round(result["psnr_all_quantized_db"], 2),
             "min_psnr_db": min_psnr,
             "kept_fp32_groups": result["kept_groups"],  # mixed precision: the most sensitive layers
             "kept_fp32_nodes": len(result["kept_fp32"]),
-            **{k: report[k] for k in ("ops", "weight_type", "block_size", "nodes_converted", "bytes_before",
-                                      "bytes_after", "files") if k in report},
+            **{k: report[k] for k in ("ops", "weight_type", "activations", "calibration_samples", "boundary_fp32",
+                                      "block_size", "nodes_converted", "bytes_before", "bytes_after", "files")
+               if k in report},
         },
     }
 
@@ -329,6 +357,15 @@ def _write_tokenizer(tokenizer, out: Path, scratch: Path) -> Path:
     for f in scratch.iterdir():
         f.unlink()
     return out
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Folders an earlier convert to `out` left when it was killed outright (SIGKILL, power loss): their
+    process is gone. A convert still running to the same place keeps its folder."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -8,6 +8,12 @@ defaults follow what was measured fast on a 2-core AVX-512/VNNI CPU (/work/share
   weights only, as int8, by default: uint8 activations x int8 weights run on VNNI and were the most
   accurate (rel. L2 1.05e-2 on the SD 1.5 UNet). With Conv included the weights become uint8, because
   ConvInteger with int8 weights runs at half the fp32 speed on CPUs without AVX-VNNI-INT8.
+- int8 with `activations="static"`: Conv activations get scales calibrated once, on inputs the caller
+  supplies (converters/calibrate.py: the UNet's own denoising trajectories), and Conv weights int8
+  per output channel, written as QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into
+  QLinearConv: 3.2-3.8x the fp32 Conv throughput on VNNI (606-787 vs 189-209 GMAC/s on SD 1.5's 3x3
+  shapes, benchmarks/int8_conv.py). MatMul/Gemm stay dynamic: their per-call quantization is cheap and
+  exact-range. The model's boundary convolutions stay fp32 (`_boundary_convs`).
 - fp16: halves the file. x86 CPUs compute most fp16 ops through casts (SD 1.5 UNet 15.3 s vs 10.5 s per
   call), so it is for size and for devices with fp16 units. Resize stays fp32 (its scales must be fp32).
 - int4: MatMul/Gemm weights in blocks of `block_size` with one fp32 scale each (MatMulNBits); the rest,
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,6 +41,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 OP_CHOICES = {"int8": ("MatMul", "Gemm", "Conv", "Gather"), "int4": ("MatMul", "Gemm")}
 DEFAULT_OPS = ("MatMul", "Gemm")
 WEIGHT_TYPES = ("int8", "uint8")
+ACTIVATIONS = ("dynamic", "static")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 _LOW_BIT = {"fp16": {onnx.TensorProto.FLOAT16}, "int8": {onnx.TensorProto.INT8, onnx.TensorProto.UINT8},
             "int4": {onnx.TensorProto.UINT8, onnx.TensorProto.UINT4, onnx.TensorProto.INT4}}
@@ -48,12 +56,19 @@ def quantize(
     ops: Sequence[str] | None = None,
     weight_type: str | None = None,
     block_size: int = 32,
+    activations: str = "dynamic",
+    calibration: Sequence[dict[str, np.ndarray]] | None = None,
+    calibration_cache: Path | str | None = None,
     external_data_over: int = ONE_FILE_LIMIT,
 ) -> dict:
     """Write `src` at `precision` to `dst`; nodes named in `keep_fp32` stay fp32.
 
-    `ops` (int8, int4) picks the op types whose weights are quantized, default MatMul + Gemm.
-    `weight_type` (int8) is "int8" or "uint8"; by default uint8 when Conv is quantized, else int8.
+    `ops` (int8, int4) picks the op types whose weights are quantized, default MatMul + Gemm (int8 with
+    static activations: MatMul, Gemm and Conv).
+    `weight_type` (int8, dynamic) is "int8" or "uint8"; by default uint8 when Conv is quantized, else int8.
+    `activations` (int8) is "dynamic" or "static": static calibrates Conv activation scales on
+    `calibration` (a list of input feeds for `src`), keeping the ranges in `calibration_cache` when given so
+    later calls on the same graph skip the calibration runs.
     Weights go to `dst`.data when they exceed `external_data_over` bytes (protobuf stops at 2 GiB).
     Returns what was done and the bytes before and after, for the manifest.
     """
@@ -62,7 +77,18 @@ def quantize(
         raise ValueError(f"precision={precision!r}; expected one of {PRECISIONS}")
     if src.resolve() == dst.resolve():
         raise ValueError(f"quantize: dst {dst} is the source graph; write to another file")
-    ops = _check_ops(precision, ops)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}; expected one of {ACTIVATIONS}")
+    static = activations == "static"
+    if static and precision != "int8":
+        raise ValueError(f"activations='static' applies to int8, not to precision={precision!r}")
+    ops = _check_ops(precision, ops, activations)
+    if static and "Conv" not in ops:
+        raise ValueError(f"activations='static' calibrates Conv activations; ops={list(ops)} has no Conv")
+    if static and weight_type not in (None, "int8"):
+        raise ValueError("activations='static' stores Conv weights as int8 per channel; weight_type must be int8")
+    if static and not calibration and not (calibration_cache and Path(calibration_cache).is_file()):
+        raise ValueError("activations='static' needs calibration feeds (or an existing calibration_cache)")
     graph = onnx.load(str(src), load_external_data=False).graph  # names and shapes only: small at any size
     names = {n.name for n in graph.node}
     unknown = sorted(set(keep_fp32) - names)
@@ -77,7 +103,14 @@ def quantize(
         _to_fp16(src, dst, keep_fp32, external_data_over)
     elif precision == "int8":
         external = sum(before.values()) > external_data_over  # decided by the source: the output is never larger
-        options["weight_type"] = _int8(src, dst, graph, keep_fp32, ops, weight_type, external)
+        if static:
+            boundary = _boundary_convs(graph)
+            options.update(weight_type="int8", activations="static", calibration_samples=len(calibration or ()),
+                           boundary_fp32=boundary)
+            _int8_static(src, dst, graph, sorted({*keep_fp32, *boundary}), ops, calibration, calibration_cache,
+                         external)
+        else:
+            options["weight_type"] = _int8(src, dst, graph, keep_fp32, ops, weight_type, external)
     else:
         if block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size={block_size}; expected one of {BLOCK_SIZES}")
@@ -134,7 +167,8 @@ def mixed_precision(
         return {**result, "psnr_db": base_psnr, "kept_groups": [], "kept_fp32": [], "sensitivity": {},
                 "quantize": report}
     graph = onnx.load(str(src), load_external_data=False).graph
-    groups = quantizable_groups(graph, precision, options.get("ops"), group_depth)
+    groups = quantizable_groups(graph, precision, _check_ops(precision, options.get("ops"),
+                                                             options.get("activations", "dynamic")), group_depth)
     del graph
     if not groups:
         raise ValueError(f"mixed_precision: {src.name} has no node that {precision} converts; nothing to keep")
@@ -187,12 +221,15 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def _check_ops(precision: str, ops: Sequence[str] | None) -> tuple[str, ...]:
+def _check_ops(precision: str, ops: Sequence[str] | None, activations: str = "dynamic") -> tuple[str, ...]:
+    """The op types to quantize: `ops`, checked, or the default (static int8 adds Conv)."""
     if precision not in OP_CHOICES:
         if ops is not None:
             raise ValueError(f"ops= applies to {tuple(OP_CHOICES)} only, not to precision={precision!r}")
         return ()
-    ops = DEFAULT_OPS if ops is None else tuple(ops)
+    if ops is None:
+        ops = (*DEFAULT_OPS, "Conv") if activations == "static" else DEFAULT_OPS
+    ops = tuple(ops)
     bad = [o for o in ops if o not in OP_CHOICES[precision]]
     if bad or not ops:
         raise ValueError(f"ops={list(ops)}: {precision} quantizes a non-empty subset of {OP_CHOICES[precision]}")
@@ -217,14 +254,77 @@ def _int8(src: Path, dst: Path, graph: onnx.GraphProto, keep_fp32: Sequence[str]
         weight_type = "uint8" if "Conv" in ops else "int8"
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type={weight_type!r}; expected one of {WEIGHT_TYPES}")
-    quantize_dynamic(
-        src, dst,
-        op_types_to_quantize=sorted({"MatMul" if o == "Gemm" else o for o in ops}),
-        weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
-        nodes_to_exclude=_excluded(graph, keep_fp32, ops),
-        use_external_data_format=external,
-    )
+    with _quiet_onnxruntime_advice():
+        quantize_dynamic(
+            src, dst,
+            op_types_to_quantize=sorted({"MatMul" if o == "Gemm" else o for o in ops}),
+            weight_type=QuantType.QUInt8 if weight_type == "uint8" else QuantType.QInt8,
+            nodes_to_exclude=_excluded(graph, keep_fp32, ops),
+            use_external_data_format=external,
+        )
     return weight_type
+
+
+BOUNDARY_CONVS = ("conv_in", "conv_out", "quant_conv", "post_quant_conv")  # diffusers' names
+
+
+def _boundary_convs(graph: onnx.GraphProto) -> list[str]:
+    """The model's first and last convolutions (diffusers names them conv_in/conv_out, and the VAE's
+    quant_conv/post_quant_conv), which static int8 leaves at fp32: they read latents and write the noise
+    or pixels directly, so a per-tensor activation scale there costs the most (default UNet, held-out
+    trajectory: 30.5 -> 39.5 dB), and they are well under 1% of the multiply-adds."""
+    def module(node: onnx.NodeProto) -> str:
+        parts = node.name.strip("/").split("/")
+        return parts[-2] if len(parts) >= 2 else ""
+
+    return sorted(n.name for n in graph.node if n.op_type == "Conv" and module(n) in BOUNDARY_CONVS)
+
+
+@contextmanager
+def _quiet_onnxruntime_advice():
+    """onnxruntime's quantizers log generic advice ("consider pre-processing", "is the model already
+    quantized?") on the root logger at WARNING on every call; the conversion log keeps its own lines."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _int8_static(src: Path, dst: Path, graph: onnx.GraphProto, keep_fp32: Sequence[str], ops: Sequence[str],
+                 calibration: Sequence[dict] | None, cache: Path | str | None, external: bool) -> None:
+    """Conv: calibrated QDQ (uint8 activations, int8 weights per output channel); MatMul/Gemm: dynamic int8."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    exclude = _excluded(graph, keep_fp32, ops)
+    matmul = sorted({"MatMul" for o in ops if o in ("MatMul", "Gemm")})
+    conv_dst = dst.with_name(dst.stem + ".conv" + dst.suffix) if matmul else dst
+    _remove_outputs(conv_dst)
+    with _quiet_onnxruntime_advice():
+        quantize_static(
+            src, conv_dst, FeedReader(list(calibration)) if calibration else None,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"], per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=None if cache is None else str(cache),
+        )
+        if matmul:
+            quantize_dynamic(conv_dst, dst, op_types_to_quantize=matmul, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=exclude, use_external_data_format=external)
+            for f in _files(conv_dst):
+                f.unlink()
+
+
+class FeedReader:
+    """onnxruntime's CalibrationDataReader protocol over a list of input feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
 
 
 def _int4(src: Path, dst: Path, graph: onnx.GraphProto, keep_fp32: Sequence[str], ops: Sequence[str],

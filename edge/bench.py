@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edge.bench_host import (PEERS, BenchError, arch_bundle, optimum_export, optimum_python, peer_model, ratios,
-                             run_peer)
+from edge.bench_host import (PEERS, BenchError, arch_bundle, optimum_export, optimum_int8, optimum_python,
+                             peer_model, ratios, run_peer)
 from edge.bench_probe import system_info
 from edge.bench_run import measure_edge
 from edge.plan import parse_bytes
@@ -122,7 +122,7 @@ def _check_args(bundle, arch, random_weights, steps, repeat, threads, height, wi
 def _parse_peers(peers: str) -> tuple[set[str], bool]:
     """'auto' (those ready here), 'none', or a comma list; returns (names, explicitly asked)."""
     if peers == "auto":
-        return set(PEERS), False
+        return {"diffusers", "optimum"}, False
     if peers in ("none", ""):
         return set(), True
     names = {p.strip() for p in peers.split(",") if p.strip()}
@@ -144,12 +144,12 @@ def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source:
     for peer in (p for p in PEERS if p in wanted):
         if folder is None:
             reason = f"no diffusers model for the peers: {why}"
-        elif peer == "diffusers" and importlib.util.find_spec("diffusers") is None:
+        elif peer.startswith("diffusers") and importlib.util.find_spec("diffusers") is None:
             reason = "diffusers is not installed in this environment (pip install 'edge-diffusion[convert]')"
         else:
             reason = ""
         python = None
-        if not reason and peer == "diffusers":
+        if not reason and peer.startswith("diffusers"):
             python = Path(sys.executable)
         elif not reason:
             python, reason = optimum_python(create=explicit, log=log)
@@ -160,8 +160,10 @@ def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source:
             log(f"[{peer}] skipped: {reason}")
             continue
         spec = {"model": str(folder)}
-        if peer == "optimum":
+        if peer.startswith("optimum"):
             spec["optimum_dir"] = str(optimum_export(python, folder, log))
+        if peer == "optimum-int8":
+            spec["optimum_dir"] = str(optimum_int8(python, Path(spec["optimum_dir"]), log))
         ready[peer] = (python, spec)
     return ready
 
@@ -238,7 +240,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="intra-op threads for every runtime (default: each one's own)")
     b.add_argument("--memory-budget", help="run edge under this budget (its memory planner) and report whether "
                    "its peak RSS fits, e.g. 4GB")
-    b.add_argument("--peers", default="auto", help="comma list of diffusers,optimum; default auto: those ready here")
+    b.add_argument("--peers", default="auto", help="comma list of diffusers,optimum,diffusers-int8,optimum-int8; "
+                   "default auto: diffusers and optimum where ready")
     b.add_argument("--no-peers", action="store_true", help="measure edge only")
     b.add_argument("--peer-model", type=Path, help="diffusers folder the peers load (default: the bundle's source)")
     b.add_argument("--label", help="name of this run in tables and plots")

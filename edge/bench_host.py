@@ -19,7 +19,8 @@ from typing import Any, Callable
 from edge.bench_probe import run_child, summarize
 
 Log = Callable[[str], None]
-PEERS = ("diffusers", "optimum")
+# The int8 peers are what each library's own tools give without calibration; run only when asked for.
+PEERS = ("diffusers", "optimum", "diffusers-int8", "optimum-int8")
 # optimum-onnx 0.1.0 needs transformers < 4.58 (and a diffusers its export code knows), so it gets its own
 # environment. torch goes first and pinned: any other route makes pip pull a multi-GB CUDA build.
 OPTIMUM_TORCH = "torch==2.13.0"
@@ -173,6 +174,21 @@ def optimum_export(python: Path, model: Path, log: Log) -> Path:
     spec.write_text(json.dumps({"peer": "optimum", "mode": "export", "model": str(model), "optimum_dir": str(out)}))
     _run_quiet([str(python), str(_peer_script()), str(spec)], "optimum export",
                cache_dir() / "logs" / "optimum-export.log")
+    spec.unlink()
+    return out
+
+
+def optimum_int8(python: Path, fp32_export: Path, log: Log) -> Path:
+    """optimum's own int8 (ORTQuantizer, dynamic, AVX-512 VNNI config) of its fp32 export, cached beside it."""
+    out = fp32_export.with_name(fp32_export.name + "-int8")
+    if (out / "model_index.json").is_file():
+        return out
+    log(f"[optimum-int8] quantizing {fp32_export}/unet with optimum's ORTQuantizer -> {out}")
+    spec = out.with_name(out.name + ".spec.json")
+    spec.write_text(json.dumps({"peer": "optimum-int8", "mode": "quantize", "fp32_dir": str(fp32_export),
+                                "optimum_dir": str(out)}))
+    _run_quiet([str(python), str(_peer_script()), str(spec)], "optimum int8 quantization",
+               cache_dir() / "logs" / "optimum-int8.log")
     spec.unlink()
     return out
 

@@ -123,6 +123,18 @@ def test_diffusers_peer_gives_ratios_and_fidelity(bundles, tmp_path):
     assert r["fidelity"]["image_vs_peers"]["diffusers"]["psnr_db"] > 30  # same latents, same scheduler
 
 
+def test_diffusers_int8_peer_runs_torch_dynamic_quantization(bundles, tmp_path):
+    proc = run_bench(bundles["folder-epsilon"], "--steps", "2", "--peers", "diffusers-int8", "-o", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [run["name"] for run in r["runs"]] == ["edge", "diffusers-int8"]
+    peer = r["runs"][1]
+    assert peer["ok"] and "int8 dynamic Linear" in peer["runtime"] and peer["unet_call_s"]["n"] == 2
+    assert r["ratios"]["diffusers-int8"]["unet_call"] > 0
+    # int8 weights change the image, but the same latents still give nearly the same picture
+    assert 15 < r["fidelity"]["image_vs_peers"]["diffusers-int8"]["psnr_db"] < 80
+
+
 def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
     from edge.bench_host import cache_dir
 
@@ -133,12 +145,19 @@ def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
     cache = tmp_path / "cache"
     (cache / "peers").mkdir(parents=True)
     (cache / "peers" / "optimum").symlink_to(venv)  # the venv, but exports go to this test's own cache
-    proc = run_bench(bundles["folder-epsilon"], "--steps", "2", "--peers", "optimum", "-o", tmp_path / "o",
-                     env={**os.environ, "EDGE_CACHE_DIR": str(cache)})
+    proc = run_bench(bundles["folder-epsilon"], "--steps", "2", "--peers", "optimum,optimum-int8", "-o",
+                     tmp_path / "o", env={**os.environ, "EDGE_CACHE_DIR": str(cache)})
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert [run["name"] for run in r["runs"]] == ["edge", "optimum"]
+    assert [run["name"] for run in r["runs"]] == ["edge", "optimum", "optimum-int8"]
     assert r["runs"][1]["execution_provider"] == "CPUExecutionProvider" and r["ratios"]["optimum"]["unet_call"] > 0
+    assert "int8" in r["runs"][2]["runtime"] and r["ratios"]["optimum-int8"]["unet_call"] > 0
+    # optimum's own quantizer wrote the int8 UNet the peer ran: integer ops, weights a quarter of fp32's
+    import onnx
+
+    (export,) = [d for d in (cache / "optimum").iterdir() if d.name.endswith("-int8")]
+    unet = onnx.load(str(export / "unet" / "model.onnx"), load_external_data=False).graph
+    assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in unet.node}
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -147,7 +166,7 @@ def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
     (["--arch", "sd99", "--random-weights"], "unknown arch 'sd99'; available: sd15, sd21, sd21-base"),
     (["--arch", "sdxl", "--random-weights"], "not supported yet"),
     (["--arch", "sd15"], "needs --random-weights"),
-    (["BUNDLE", "--peers", "onnx"], "unknown peer(s) onnx; known: diffusers, optimum"),
+    (["BUNDLE", "--peers", "onnx"], "unknown peer(s) onnx; known: diffusers, optimum, diffusers-int8, optimum-int8"),
     (["BUNDLE", "--memory-budget", "lots"], "is not a size"),
     (["compare", "nothing.json", "nothing2.json"], "no bench results at nothing.json"),
 ])

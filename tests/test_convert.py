@@ -61,9 +61,11 @@ def test_existing_output_is_not_overwritten_without_flag(models, bundles, tmp_pa
 
 
 def test_interrupted_convert_leaves_no_bundle(models, tmp_path):
-    """Kill the converter once it has started writing graphs: nothing may appear under the target name."""
+    """Kill the converter once it has started writing graphs: nothing may appear under the target name.
+    Ctrl-C and `kill` (SIGTERM) remove the partial folder at once; what SIGKILL leaves, the next convert to
+    the same place removes."""
     target = tmp_path / "bundle"
-    for sig in (signal.SIGINT, signal.SIGKILL):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         # SIGINT back to its default in the child: a shell's background job (`make test &`) ignores SIGINT,
         # the child would inherit that, and Python would then never raise KeyboardInterrupt.
         proc = subprocess.Popen([*EDGE, "convert", str(models["folder-epsilon"]), "-o", str(target)],
@@ -77,10 +79,12 @@ def test_interrupted_convert_leaves_no_bundle(models, tmp_path):
         proc.wait(timeout=60)
         assert proc.returncode != 0
         assert not target.exists()
-        if sig == signal.SIGINT:  # a clean interrupt also removes its scratch folder
-            assert not list(tmp_path.glob(".bundle.partial-*"))
-    # and a later run succeeds in the same place
+        if sig != signal.SIGKILL:  # a clean interrupt also removes its scratch folder
+            assert not list(tmp_path.glob(".bundle.partial-*")), sig
+    assert list(tmp_path.glob(".bundle.partial-*"))  # SIGKILL: no chance to clean up
+    # and a later run succeeds in the same place, removing the dead run's folder
     run_edge("convert", models["folder-epsilon"], "-o", target)
+    assert not list(tmp_path.glob(".bundle.partial-*"))
     assert json.loads((target / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
 
 
