@@ -180,7 +180,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
                 calibration, check_feeds = calibrate(pipe, path, threads=options.threads)
                 log(f"  {spec.name:<12} {len(calibration)} calibration inputs and 1 held-out trajectory "
                     f"from the fp32 graph's own denoising  {time.perf_counter() - t_cal:.1f}s")
-            record = _lower_precision(path, check_feeds, options, external_data_over, tmp / ".scratch", calibration)
+            record = _lower_precision(path, check_feeds, options, external_data_over, tmp / ".scratch", log,
+                                      calibration)
             files = [tmp / f for f in record["quantization"]["files"]]
         chunks = None
         if spec.name == "unet" and (options.split_unet or options.max_chunk_mb):
@@ -269,8 +270,8 @@ def _attention_layers(model):
     return (m for m in model.modules() if isinstance(m, Attention))
 
 
-def _lower_precision(path: Path, feeds: dict, options: Options, external_data_over: int,
-                     scratch: Path, calibration: list[dict] | None = None) -> dict[str, Any]:
+def _lower_precision(path: Path, feeds: dict, options: Options, external_data_over: int, scratch: Path,
+                     log: Callable[[str], None], calibration: list[dict] | None = None) -> dict[str, Any]:
     """Replace the fp32 graph at `path` by its `options.precision` copy; keep layers at fp32 if needed.
     With `calibration` (int8, static activations) the Conv activation ranges are measured once on it."""
     fp32 = scratch / path.name
@@ -284,7 +285,7 @@ def _lower_precision(path: Path, feeds: dict, options: Options, external_data_ov
     if calibration:
         kwargs.update(activations="static", calibration=calibration,
                       calibration_cache=scratch / f"{path.stem}.calibration.json")
-    result = mixed_precision(fp32, path, options.precision, psnr_parity(fp32, feeds), min_psnr, **kwargs)
+    result = mixed_precision(fp32, path, options.precision, psnr_parity(fp32, feeds), min_psnr, log=log, **kwargs)
     report = result["quantize"]
     for f in scratch.iterdir():
         f.unlink()

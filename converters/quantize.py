@@ -141,6 +141,7 @@ def mixed_precision(
     min_psnr_db: float,
     *,
     group_depth: int = 3,
+    log: Callable[[str], None] = lambda line: None,
     **options,
 ) -> dict:
     """Quantize `src`, keeping layer groups at fp32, most sensitive first, until `parity(dst)` >= `min_psnr_db`.
@@ -172,12 +173,15 @@ def mixed_precision(
     del graph
     if not groups:
         raise ValueError(f"mixed_precision: {src.name} has no node that {precision} converts; nothing to keep")
+    log(f"    {src.stem}: {base_psnr:.1f} dB fully {precision} < {min_psnr_db} dB; measuring {len(groups)} layer "
+        f"groups, one quantize-and-check each")
     sensitivity = {g: trial(nodes)[0] - base_psnr for g, nodes in groups.items()}
     order = sorted(groups, key=lambda g: (-sensitivity[g], g))
     kept: list[str] = []
     for g in order:
         kept.append(g)
         psnr_db, report = trial([n for k in kept for n in groups[k]])
+        log(f"    {src.stem}: {g} kept at fp32 -> {psnr_db:.1f} dB")
         if psnr_db >= min_psnr_db:
             return {**result, "psnr_db": psnr_db, "kept_groups": kept,
                     "kept_fp32": sorted(report["kept_fp32"]), "sensitivity": sensitivity, "quantize": report}
