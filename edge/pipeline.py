@@ -249,9 +249,9 @@ class Pipeline:
                 up = hidden.shape[2] // z.shape[2]
                 z, tile, overlap, scale = hidden, tile * up, overlap * up, scale // up
 
-            def run_shared(part: np.ndarray, stats: np.ndarray, mix: float,
+            def run_shared(part: np.ndarray, stats: np.ndarray, mix: float | np.ndarray,
                            weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                gn_mix = np.full(tiled.inputs[2].shape, mix, np.float32)  # per layer, or (1,) in older graphs
+                gn_mix = np.broadcast_to(np.asarray(mix, np.float32), tiled.inputs[2].shape)  # (L,), or (1,): older
                 feeds = {first: part, "gn_stats": stats, "gn_mix": gn_mix}
                 if first == "hidden":  # older tiled graphs report plain per-tile means
                     feeds["gn_weight"] = weight
@@ -259,7 +259,10 @@ class Pipeline:
                 return image, local  # (1, 3, th*s, tw*s), (L, 2, G)
 
             stats_shape = tuple(tiled.inputs[1].shape)
-            image = decode_tiled_shared(run_shared, z, tile, overlap, scale, stats_shape)[0]
+            trained = [d // self.manifest.vae_scale_factor for d in self.manifest.default_size]
+            # larger than the model was trained at: GroupNorm statistics fixed one layer per pass (L + 1 passes)
+            layerwise = first == "hidden" and (latents.shape[2] > trained[0] or latents.shape[3] > trained[1])
+            image = decode_tiled_shared(run_shared, z, tile, overlap, scale, stats_shape, layerwise=layerwise)[0]
             return _to_pil(image)
         session = self._open("vae_decoder")[0]
 
