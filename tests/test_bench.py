@@ -131,7 +131,7 @@ def test_diffusers_int8_peer_runs_torch_dynamic_quantization(bundles, tmp_path):
     peer = r["runs"][1]
     assert peer["ok"] and "int8 dynamic Linear" in peer["runtime"] and peer["unet_call_s"]["n"] == 2
     assert r["ratios"]["diffusers-int8"]["unet_call"] > 0
-    # int8 weights change the image, but the same latents still give nearly the same picture
+    # int8 weights change the image, but the same latents still give nearly the same picture (measured 40.9 dB)
     assert 15 < r["fidelity"]["image_vs_peers"]["diffusers-int8"]["psnr_db"] < 80
 
 
