@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edge.bench_host import (PEERS, BenchError, arch_bundle, optimum_export, optimum_int8, optimum_python,
-                             peer_model, ratios, run_peer)
+from edge.bench_host import (AUTO_PEERS, PEERS, BenchError, arch_bundle, optimum_export, optimum_int8,
+                             optimum_python, peer_model, ratios, run_peer)
 from edge.bench_probe import system_info
 from edge.bench_run import measure_edge
 from edge.plan import parse_bytes
@@ -122,7 +122,7 @@ def _check_args(bundle, arch, random_weights, steps, repeat, threads, height, wi
 def _parse_peers(peers: str) -> tuple[set[str], bool]:
     """'auto' (those ready here), 'none', or a comma list; returns (names, explicitly asked)."""
     if peers == "auto":
-        return {"diffusers", "optimum"}, False
+        return set(AUTO_PEERS), False
     if peers in ("none", ""):
         return set(), True
     names = {p.strip() for p in peers.split(",") if p.strip()}

@@ -21,6 +21,7 @@ from edge.bench_probe import run_child, summarize
 Log = Callable[[str], None]
 # The int8 peers are what each library's own tools give without calibration; run only when asked for.
 PEERS = ("diffusers", "optimum", "diffusers-int8", "optimum-int8")
+AUTO_PEERS = ("diffusers", "optimum")  # `--peers auto`: these, where ready
 # optimum-onnx 0.1.0 needs transformers < 4.58 (and a diffusers its export code knows), so it gets its own
 # environment. torch goes first and pinned: any other route makes pip pull a multi-GB CUDA build.
 OPTIMUM_TORCH = "torch==2.13.0"

@@ -39,7 +39,7 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         load_s = time.perf_counter() - t
         load_end = time.time()
         opened_at_load = dict(pipe.load_seconds)  # under a budget, stages open more during generation
-        log("[edge] sessions: " + ", ".join(f"{k} {v:.2f}s" for k, v in pipe.load_seconds.items())
+        log("[edge] sessions: " + ", ".join(f"{k} {v:.2f}s" for k, v in opened_at_load.items())
             + f" (load {load_s:.2f}s in all, sha256 checks included)")
 
         m = pipe.manifest

@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
                    "int8 may add Conv,Gather)")
     c.add_argument("--activations", default="dynamic",
                    help="int8 activations: dynamic (quantized per call) or static (UNet Conv activations "
-                        "calibrated on the model's own trajectories; runs as QLinearConv, ~3.5x faster convs on VNNI)")
+                        "calibrated on the model's own trajectories; runs as QLinearConv, 3.2-3.8x faster convs "
+                        "on VNNI)")
     c.add_argument("--min-psnr", type=float, help="PSNR vs fp32 below which the most sensitive layers stay "
                    "fp32 (default: fp16 40, int8 30, int4 25 dB)")
     c.add_argument("--split-unet", type=int, metavar="N", help="cut the UNet into N chunks")
