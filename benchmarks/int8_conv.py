@@ -9,7 +9,13 @@ Three 3x3 convolutions of 7.55 GMAC each, batch 2 (classifier-free guidance), as
   QuantizeLinear -> DequantizeLinear, which onnxruntime fuses into QLinearConv (what
   `edge convert --precision int8 --activations static` writes);
 - dynamic int8: DynamicQuantizeLinear -> ConvInteger(uint8 weights) -> scale (what `--quantize-ops Conv` writes).
-Prints the median time, GMAC/s and the PSNR of each against fp32.
+Prints the median time, GMAC/s and the PSNR of each against fp32; then one of the UNet's MatMuls (the
+feed-forward GEGLU projection at 64x64 latents) as fp32 and as dynamic int8 (onnxruntime's quantize_dynamic:
+what `--precision int8` writes for MatMul/Gemm).
+
+`--u8u8` opens the int8 graphs as edge does on x86 CPUs without VNNI (`session.x64quantprecision`, see
+edge/cpu.py): int8 weights shifted to uint8, U8U8 kernels. Run it on a VNNI/AMX CPU to see what that path
+would cost there (which is why edge never turns it on where VNNI exists).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge.metrics import psnr
 
 SHAPES = [(2, 320, 64), (2, 640, 32), (2, 1280, 16)]  # batch, channels in = out, latent side
+MATMUL = (2 * 4096, 320, 2560)  # rows (batch 2 x 64x64 tokens), in, out: down_blocks.0's GEGLU projection
 
 
 def graph(nodes, inits, shape) -> bytes:
@@ -67,11 +74,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--u8u8", action="store_true", help="int8 through U8U8 kernels (session.x64quantprecision)")
     a = ap.parse_args()
     options = ort.SessionOptions()
     options.intra_op_num_threads = a.threads
+    if a.u8u8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     rng = np.random.default_rng(0)
-    print(f"onnxruntime {ort.__version__}, {a.threads} threads")
+    print(f"onnxruntime {ort.__version__}, {a.threads} threads{', int8 as U8U8' if a.u8u8 else ''}")
     print("| shape | GMAC | fp32 ms (GMAC/s) | static int8 ms (GMAC/s) | PSNR | dynamic int8 ms (GMAC/s) | PSNR |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for b, c, side in SHAPES:
@@ -96,6 +106,41 @@ def main() -> None:
             else:
                 row.append(f"{psnr(ref, y):.1f} dB")
         print("| " + " | ".join(row) + " |", flush=True)
+    print(_matmul_row(rng, options, a.repeat))
+
+
+def _timed(session: ort.InferenceSession, feeds: dict, repeat: int) -> tuple[np.ndarray, float]:
+    y = session.run(None, feeds)[0]
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return y, 1e3 * float(np.median(times))
+
+
+def _matmul_row(rng: np.random.Generator, options: ort.SessionOptions, repeat: int) -> str:
+    """fp32 MatMul against onnxruntime's dynamic int8 quantization of it (MatMulInteger, U8S8 or U8U8)."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rows, k, n = MATMUL
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "mm.onnx", Path(tmp) / "mm8.onnx"
+        onnx.save(onnx.load_from_string(graph(nodes, {"w": w}, (rows, k))), str(src))
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        ref, fp32_ms = _timed(ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"]),
+                              {"x": x}, repeat)
+        got, int8_ms = _timed(ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"]),
+                              {"x": x}, repeat)
+    gmac = rows * k * n / 1e9
+    return (f"\nMatMul {rows}x{k} @ {k}x{n} ({gmac:.2f} GMAC): fp32 {fp32_ms:.1f} ms ({gmac / fp32_ms * 1e3:.0f} "
+            f"GMAC/s), dynamic int8 {int8_ms:.1f} ms ({gmac / int8_ms * 1e3:.0f} GMAC/s), {psnr(ref, got):.1f} dB")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ default model, scales fitted to a few trajectories' clean latents gave 11 dB on 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edge.converters.sources import stated_config
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
 
 PROMPTS = (
@@ -37,18 +37,15 @@ def calibrate(pipe, unet_onnx: Path, *, prompts: int = 2, steps: int = CALIBRATI
     `pipe` is the diffusers pipeline being converted (its tokenizer and text encoder give the embeddings);
     `unet_onnx` is the fp32 graph just exported, which predicts the noise that moves each trajectory on.
     """
-    import onnxruntime as ort
+    from edge.sessions import open_session, session_options
 
     if not 1 <= prompts < len(PROMPTS) or steps < 1:
         raise ValueError(f"calibration: prompts must be 1..{len(PROMPTS) - 1} and steps >= 1, got {prompts}, {steps}")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(unet_onnx), options, providers=["CPUExecutionProvider"])
+    session = open_session(unet_onnx, session_options(threads or None))
     sample = pipe.unet.config.sample_size
     h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     rng = np.random.default_rng(seed)
-    config = json.loads(json.dumps(dict(pipe.scheduler.config), default=str))
+    config = stated_config(pipe.scheduler.config)  # what the model states; the scheduler fills in its own defaults
     feeds: list[dict[str, np.ndarray]] = []
     for prompt in PROMPTS[:prompts + 1]:
         context = np.concatenate([_embed(pipe, ""), _embed(pipe, prompt)])  # (2, seq, dim): uncond, cond

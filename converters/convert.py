@@ -2,32 +2,36 @@
 
 The bundle is assembled in a hidden sibling folder and renamed into place only when every graph has
 been exported, checked against torch and hashed, so an interrupted run never leaves a half bundle
-under the target name.
+under the target name; a lock file beside the target keeps two converts from writing the same one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from pathlib import Path
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
-from edge.bundle import FORMAT_VERSION, Manifest, sha256_file, write_manifest
+from edge.bundle import FORMAT_VERSION, MANIFEST, Manifest, sha256_file, write_manifest
+from edge.kernels.attention import DEFAULT_CHUNK
 from edge.kernels.processor import use_attention
 from edge.memory_profile import PROFILED, profile_component
 from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_specs
 from edge.converters.calibrate import calibrate
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
-from edge.converters.sources import Source, open_source
+from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.split import run_chunks, split_graph
 from edge.metrics import psnr
 from edge.schedulers import scheduler_config_from_dict
+from edge.selfcheck import write_check
 
 PARITY_MIN_PSNR_DB = 40.0  # a graph below this against torch fails the conversion
 CHUNKS_MIN_PSNR_DB = 60.0  # chained UNet chunks against the whole graph
@@ -49,7 +53,7 @@ class Options:
     """What to make of the model, beyond a faithful fp32 export."""
 
     attention: str = "fused"  # kernels/attention.py: fused, original, sliced, split_einsum (UNet and VAE)
-    attention_chunk: int | None = None  # query rows per slice, for "sliced"
+    attention_chunk: int | None = None  # query rows per slice, for "sliced" (None: kernels.attention.DEFAULT_CHUNK)
     precision: str = "fp32"  # fp32, fp16, int8, int4
     quantize_ops: tuple[str, ...] | None = None  # int8/int4 op types (default MatMul, Gemm)
     activations: str = "dynamic"  # int8: "static" calibrates the UNet's Conv activations (QLinearConv)
@@ -67,8 +71,10 @@ class Options:
             raise ConvertError(f"unknown target {','.join(self.targets)!r}; choose one or both of {TARGETS}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConvertError(f"unknown attention kernel {self.attention!r}; choose one of {ATTENTION_KERNELS}")
-        if self.attention == "sliced" and (self.attention_chunk is None or self.attention_chunk < 1):
-            raise ConvertError("--attention sliced needs --attention-chunk N (query rows per slice, N >= 1)")
+        if self.attention == "sliced" and self.attention_chunk is None:
+            object.__setattr__(self, "attention_chunk", DEFAULT_CHUNK)  # frozen: set once, here
+        if self.attention == "sliced" and self.attention_chunk < 1:
+            raise ConvertError(f"--attention-chunk {self.attention_chunk}: expected query rows per slice >= 1")
         if self.attention != "sliced" and self.attention_chunk is not None:
             raise ConvertError(f"--attention-chunk applies to --attention sliced, not {self.attention!r}")
         if self.precision not in PRECISIONS:
@@ -109,31 +115,34 @@ def convert(
     kernel, precision and UNet split; `score` runs the default model's fidelity evaluation on the result and
     records it in the manifest (meaningful for models trained on edge.eval's scenes)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConvertError(f"{out} already exists; choose another -o or pass --overwrite")
-    t0 = time.perf_counter()
-    src = open_source(source, config=config, allow_pickle=allow_pickle)
-    log(f"loaded {source} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
+    with _exclusive(out):  # to the final rename: a second convert to `out` stops here, and nothing is lost
+        if out.exists() and not overwrite:
+            raise ConvertError(f"{out} already exists; choose another -o or pass --overwrite")
+        t0 = time.perf_counter()
+        src = open_source(source, config=config, allow_pickle=allow_pickle)
+        log(f"loaded {source} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _remove_stale_partials(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / ".scratch").mkdir(parents=True)
-    try:
-        data = _build_bundle(src, tmp, external_data_over, options, log)
-        if "coreml" in options.targets:
-            from edge.converters.coreml.convert import CoreMLOptions, add_coreml
-
-            data = add_coreml(src.pipe, tmp, data, CoreMLOptions() if options.coreml is None else options.coreml, log)
-        shutil.rmtree(tmp / ".scratch")
-        manifest = write_manifest(tmp, data)
-        if score:
-            data["fidelity"] = _score(tmp, log)
-            manifest = write_manifest(tmp, data)
-        _move_into_place(tmp, out)
-    except BaseException:
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        _remove_stale_partials(out)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / ".scratch").mkdir(parents=True)
+        try:
+            data = _build_bundle(src, tmp, external_data_over, options, log)
+            if "coreml" in options.targets:
+                from edge.converters.coreml.convert import CoreMLOptions, add_coreml
+
+                coreml = CoreMLOptions() if options.coreml is None else options.coreml
+                data = add_coreml(src.pipe, tmp, data, coreml, log)
+            shutil.rmtree(tmp / ".scratch")
+            data["files"] = _hash_every_file(tmp, data)
+            manifest = write_manifest(tmp, data)
+            if score:
+                data["fidelity"] = _score(tmp, log)
+                manifest = write_manifest(tmp, data)
+            _move_into_place(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return manifest
 
@@ -214,7 +223,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
 
     tok_dir = _write_tokenizer(pipe.tokenizer, tmp / "tokenizer", tmp / ".scratch")
 
-    scheduler = json.loads(json.dumps(dict(pipe.scheduler.config), default=str))
+    scheduler = stated_config(pipe.scheduler.config)  # what the model states; each sampler fills in the rest
     try:  # refuse now, not at the first `edge generate`
         scheduler_config_from_dict(scheduler)
     except ValueError as e:
@@ -246,6 +255,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         "source": {
             "name": src.name,
             "kind": src.kind,
+            "scheduler_class": pipe.scheduler.config.get("_class_name", type(pipe.scheduler).__name__),
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch": torch.__version__,
             "diffusers": _version("diffusers"),
@@ -285,8 +295,10 @@ def _lower_precision(path: Path, feeds: dict, options: Options, external_data_ov
     if calibration:
         kwargs.update(activations="static", calibration=calibration,
                       calibration_cache=scratch / f"{path.stem}.calibration.json")
-    result = mixed_precision(fp32, path, options.precision, psnr_parity(fp32, feeds), min_psnr, log=log, **kwargs)
+    parity = psnr_parity(fp32, feeds)
+    result = mixed_precision(fp32, path, options.precision, parity, min_psnr, log=log, **kwargs)
     report = result["quantize"]
+    check = write_check(path.parent, path.stem, feeds, parity.expected, fp32)
     for f in scratch.iterdir():
         f.unlink()
     return {
@@ -300,6 +312,7 @@ def _lower_precision(path: Path, feeds: dict, options: Options, external_data_ov
             "min_psnr_db": min_psnr,
             "kept_fp32_groups": result["kept_groups"],  # mixed precision: the most sensitive layers
             "kept_fp32_nodes": len(result["kept_fp32"]),
+            "check": check,  # the PSNR inputs and fp32 outputs: `edge check` re-measures on the device
             **{k: report[k] for k in ("ops", "weight_type", "activations", "calibration_samples", "boundary_fp32",
                                       "block_size", "nodes_converted", "bytes_before", "bytes_after", "files")
                if k in report},
@@ -312,9 +325,9 @@ def _split(path: Path, feeds: dict, options: Options, external_data_over: int) -
     max_bytes = None if options.max_chunk_mb is None else int(options.max_chunk_mb * 1e6)
     chunks = split_graph(path, path.parent, n=options.split_unet, max_chunk_bytes=max_bytes, prefix="unet",
                          external_data_over=external_data_over)
-    import onnxruntime as ort
+    from edge.sessions import open_session
 
-    whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    whole = open_session(path).run(None, feeds)[0]
     chained = run_chunks(chunks, feeds, path.parent)["noise_pred"]
     db = psnr(whole, chained)
     if db < CHUNKS_MIN_PSNR_DB:
@@ -360,23 +373,98 @@ def _write_tokenizer(tokenizer, out: Path, scratch: Path) -> Path:
     return out
 
 
+def _hash_every_file(bundle: Path, data: dict[str, Any]) -> dict[str, str]:
+    """sha256 of every file the bundle ships but the manifest, for the runtime to check before it reads any
+    (tokenizer files and Core ML packages as well as graphs). Graphs hashed on export are not read again."""
+    sections = [data["components"], data.get("coreml", {}).get("components", {})]
+    known = {rel: digest for section in sections for c in section.values() for rel, digest in c["files"].items()}
+    files = {}
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        rel = path.relative_to(bundle).as_posix()
+        if rel not in (MANIFEST, MANIFEST + ".tmp"):
+            files[rel] = known[rel] if rel in known else sha256_file(path)
+    return files
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold the lock file `.NAME.lock` beside `out` for a whole conversion: a second `edge convert -o NAME`
+    fails at once instead of replacing this one's bundle at the end. The kernel drops an flock when its process
+    dies, so a convert killed outright (SIGKILL, power loss) blocks nobody; its leftover file is reused."""
+    lock = out.parent / f".{out.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConvertError(f"another `edge convert`{pid} is writing {out}; wait for it to finish or choose "
+                               f"another -o (its lock: {lock})") from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the holder finished and removed this file between our open and our lock: lock anew
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still locked: whoever opened this file retries on a fresh one
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _remove_stale_partials(out: Path) -> None:
-    """Folders an earlier convert to `out` left when it was killed outright (SIGKILL, power loss): their
-    process is gone. A convert still running to the same place keeps its folder."""
+    """Folders an earlier convert to `out` left when it was killed outright (SIGKILL, power loss). Called under
+    the lock, so no convert of this version is writing one; a folder whose process is alive is kept all the
+    same (a convert from before the lock, or the pid reused), never deleted from under a running convert."""
     for partial in out.parent.glob(f".{out.name}.partial-*"):
         pid = partial.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """The finished bundle becomes `out` (under the lock). Without `overwrite`, whatever appeared at `out`
+    since the start (made by hand or by a convert that takes no lock) is left as it is, and the new bundle is
+    kept beside it."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            _keep_beside(tmp, out)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        return
+    try:
+        os.rename(tmp, out)  # refuses a non-empty folder or a file made at `out` since the check
+    except OSError:
+        _keep_beside(tmp, out)
+
+
+def _keep_beside(tmp: Path, out: Path) -> NoReturn:
+    kept = out.parent / f"{out.name}.new-{os.getpid()}"
+    os.rename(tmp, kept)
+    raise ConvertError(f"{out} appeared while converting and was left as it is (pass --overwrite to replace it); "
+                       f"the new bundle is at {kept}")
 
 
 def _version(dist: str) -> str:

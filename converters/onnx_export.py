@@ -13,10 +13,10 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from edge.metrics import max_abs_diff, psnr
+from edge.sessions import open_session
 
 OPSET = 17
 ONE_FILE_LIMIT = 1_800_000_000  # protobuf's hard limit is 2 GiB; above this, weights go to a .data file by default
@@ -185,7 +185,7 @@ def parity(spec: Spec, path: Path, inputs: tuple[torch.Tensor, ...]) -> dict:
     with torch.no_grad():
         ref = spec.module(*inputs)
     ref = ref if isinstance(ref, tuple) else (ref,)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path)
     feeds = {t["name"]: x.numpy() for t, x in zip(spec.inputs, inputs)}
     got = session.run([t["name"] for t in spec.outputs], feeds)
     del session

@@ -215,13 +215,14 @@ def psnr_parity(reference: Path | str, feeds: dict[str, np.ndarray]) -> Callable
     def parity(candidate: Path) -> float:
         return min(psnr(r, g) for r, g in zip(expected, _run(candidate, feeds)))
 
+    parity.expected = expected  # the reference outputs, in the graph's output order, for the bundle's check data
     return parity
 
 
 def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
+    from edge.sessions import open_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path)
     return session.run(None, feeds)
 
 

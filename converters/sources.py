@@ -4,6 +4,7 @@ checkpoint, a Hub id in the local cache, or one of our built-in names. Always of
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -156,6 +157,16 @@ def _check_pipe(pipe, where: str):
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
         module.eval().to(torch.float32)
     return pipe
+
+
+def stated_config(config: Any) -> dict[str, Any]:
+    """The keys a diffusers config (e.g. `pipe.scheduler.config`) was given by the model's own json, as JSON
+    values. diffusers fills the keys the json lacks with the loading class's defaults and names them in
+    `_use_default_values`; recording those would pass the source class's defaults (PNDM's "leading" for SD 1.5)
+    to every sampler as if the model had chosen them. Underscore keys are diffusers' metadata."""
+    filled = set(config.get("_use_default_values", ()))
+    stated = {k: v for k, v in dict(config).items() if k not in filled and not k.startswith("_")}
+    return json.loads(json.dumps(stated, default=str))
 
 
 def _first_line(e: Exception) -> str:

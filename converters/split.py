@@ -65,13 +65,13 @@ def split_graph(
 
 def run_chunks(chunks: Sequence[dict], feeds: dict[str, np.ndarray], folder: Path | str) -> dict[str, np.ndarray]:
     """Run chunks in order, one session alive at a time; returns the original graph's outputs by name."""
-    import onnxruntime as ort
+    from edge.sessions import open_session
 
     env = dict(feeds)
     last_use = {t["name"]: i for i, c in enumerate(chunks) for t in c["inputs"]}
     results: dict[str, np.ndarray] = {}
     for i, chunk in enumerate(chunks):
-        session = ort.InferenceSession(str(Path(folder) / chunk["file"]), providers=["CPUExecutionProvider"])
+        session = open_session(Path(folder) / chunk["file"])
         names = [t["name"] for t in chunk["outputs"]]
         got = session.run(names, {t["name"]: env[t["name"]] for t in chunk["inputs"]})
         del session

@@ -26,6 +26,7 @@ from edge.bench_probe import system_info
 from edge.bench_run import measure_edge
 from edge.plan import parse_bytes
 from edge.bundle import read_manifest
+from edge.validate import GUIDANCE_RULE, count_arg, number_arg
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 Log = Callable[[str], None]
@@ -228,16 +229,19 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--arch", help="bench a published architecture (sd15, sd21, sd21-base) instead of a bundle")
     b.add_argument("--random-weights", action="store_true", help="with --arch: random weights (built and cached "
                    "under $EDGE_CACHE_DIR or ~/.cache/edge-diffusion)")
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--height", type=int, help="default: the model's trained size")
-    b.add_argument("--width", type=int)
-    b.add_argument("--repeat", type=int, default=1, help="generations to time (default 1)")
-    b.add_argument("--guidance", type=float, default=7.5, help="> 1: classifier-free guidance, UNet batch 2")
+    b.add_argument("--steps", type=count_arg("--steps"), default=20)
+    b.add_argument("--height", type=count_arg("--height"), help="default: the model's trained size")
+    b.add_argument("--width", type=count_arg("--width"))
+    b.add_argument("--repeat", type=count_arg("--repeat"), default=1, help="generations to time (default 1)")
+    b.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=7.5,
+                   help="> 1: classifier-free guidance, UNet batch 2")
     b.add_argument("--scheduler", default="euler")
     b.add_argument("--prompt", default=DEFAULT_PROMPT)
     b.add_argument("--negative-prompt", default="")
-    b.add_argument("--seed", type=int, default=0, help="initial latents (the same for every runtime)")
-    b.add_argument("--threads", type=int, help="intra-op threads for every runtime (default: each one's own)")
+    b.add_argument("--seed", type=count_arg("--seed", minimum=0), default=0,
+                   help="initial latents (the same for every runtime)")
+    b.add_argument("--threads", type=count_arg("--threads"),
+                   help="intra-op threads for every runtime (default: each one's own)")
     b.add_argument("--memory-budget", help="run edge under this budget (its memory planner) and report whether "
                    "its peak RSS fits, e.g. 4GB")
     b.add_argument("--peers", default="auto", help="comma list of diffusers,optimum,diffusers-int8,optimum-int8; "

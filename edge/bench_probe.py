@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from edge.cpu import features
 from edge.memory import peak_rss_bytes, read_status
 
 SAMPLE_INTERVAL_S = 0.05
@@ -147,6 +148,7 @@ def system_info() -> dict:
         "python": platform.python_version(),
         "total_memory_bytes": _total_memory(),
         "hostname": platform.node(),
+        "cpu_features": features().as_dict(),  # which int8 kernels onnxruntime takes here (edge.cpu)
     }
 
 

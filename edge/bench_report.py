@@ -79,7 +79,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['created_at']} · {s['cpu_model']} · {s['cpus_available']} of {s['logical_cpus']} CPUs · "
         f"{format_bytes(s['total_memory_bytes'] or 0)} RAM · {s['os']} · {s['architecture']} · "
         f"onnxruntime {edge_run['versions']['onnxruntime']} ({edge_run['execution_provider']}) · "
-        f"threads {'default' if r['config']['threads'] is None else r['config']['threads']}", "",
+        f"threads {'default' if r['config']['threads'] is None else r['config']['threads']}"
+        + (f" · int8: {s['cpu_features']['int8_path']}" if s.get("cpu_features") else ""), "",
         f"Bundle `{b['path']}` ({b['bundle_id']}, {b['family']}, {b['prediction_type']}; "
         f"{format_bytes(b['bytes_on_disk'])} on disk). {_setup_line(r)}", "",
         *_table([(r["label"], run) for run in r["runs"] if run.get("ok")], with_label=False), "",

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 FORMAT_VERSION = 2  # 2: attention, quantization, UNet chunks, memory measurements
 MANIFEST = "manifest.json"
@@ -68,7 +68,9 @@ class Manifest:
     bundle_id: str  # short hash of all component hashes
     family: str  # "sd1" (CLIP text encoder) or "sd2" (OpenCLIP), by the text encoder's activation
     prediction_type: str  # "epsilon" or "v_prediction"
-    scheduler: dict[str, Any]  # the source model's scheduler_config.json
+    # The keys the source model's scheduler_config.json states (older bundles: the source class's whole config,
+    # defaults included); every sampler fills in what is absent with its diffusers class's default.
+    scheduler: dict[str, Any]
     latent_channels: int
     vae_scale_factor: int  # image pixels per latent pixel (8 for SD)
     vae_scaling_factor: float  # latents are multiplied by this after encoding (0.18215 for SD 1.x)
@@ -79,6 +81,10 @@ class Manifest:
     tokenizer: dict[str, str]  # vocab / merges file names
     components: dict[str, Component]
     source: dict[str, Any]  # where the model came from, for the record
+    # Every file the bundle ships but the manifest (graphs, tokenizer, Core ML packages), relative -> sha256.
+    # Older bundles hashed only their graphs and vocab.json: their map holds those, and hashes_every_file is False.
+    files: dict[str, str] = field(default_factory=dict)
+    hashes_every_file: bool = True
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -127,7 +133,7 @@ def parse_manifest(d: dict[str, Any], where: str) -> Manifest:
             bundle_id=d["bundle_id"],
             family=d["family"],
             prediction_type=d["prediction_type"],
-            scheduler=dict(d["scheduler"]),
+            scheduler=dict(d["scheduler"]) if "files" in d else _older_scheduler(d["scheduler"]),
             latent_channels=int(d["latent_channels"]),
             vae_scale_factor=int(d["vae_scale_factor"]),
             vae_scaling_factor=float(d["vae_scaling_factor"]),
@@ -138,9 +144,35 @@ def parse_manifest(d: dict[str, Any], where: str) -> Manifest:
             tokenizer=dict(d["tokenizer"]),
             components={k: _component(k, v) for k, v in d["components"].items()},
             source=dict(d.get("source", {})),
+            files=_older_files(d) if "files" not in d else _file_map(d["files"], where),
+            hashes_every_file="files" in d,
         )
     except (KeyError, TypeError, IndexError) as e:
         raise BundleError(f"{where}: manifest is missing or has a malformed field: {e}") from None
+
+
+def _file_map(files: Any, where: str) -> dict[str, str]:
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()):
+        raise BundleError(f"{where}: malformed field 'files': expected an object of relative path -> sha256 hex")
+    return dict(files)
+
+
+def _older_scheduler(scheduler: dict[str, Any]) -> dict[str, Any]:
+    """Bundles from before the file map recorded the source class's whole config (PNDM's, for SD), which has no
+    clip_sample; the runtime then took it as false, where diffusers' DDIM takes true. They keep sampling as
+    they did. (New bundles record only what the model states, and each sampler fills in its diffusers default.)"""
+    return {"clip_sample": False, **scheduler}
+
+
+def _older_files(d: dict[str, Any]) -> dict[str, str]:
+    """What a bundle from before the top-level file map hashed: its graphs (ONNX and Core ML) and vocab.json."""
+    sections = [d["components"], d.get("coreml", {}).get("components", {})]
+    files = {rel: digest for section in sections for c in section.values() for rel, digest in c["files"].items()}
+    tokenizer = d["tokenizer"]
+    if "sha256" in tokenizer and "vocab" in tokenizer:
+        files[tokenizer["vocab"]] = tokenizer["sha256"]
+    return files
 
 
 def read_manifest(bundle: Path | str) -> Manifest:
@@ -160,15 +192,40 @@ def read_manifest(bundle: Path | str) -> Manifest:
 def verify_files(bundle: Path, component: Component) -> None:
     """Check every file of a component against the sha256 the converter recorded."""
     for rel, expected in component.files.items():
-        path = bundle / rel
-        if not path.is_file():
-            raise BundleError(f"{component.name}: file {path} named in the manifest is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise BundleError(
-                f"{component.name}: {path} is corrupt or was replaced: sha256 {actual[:12]}… "
-                f"does not match the manifest's {expected[:12]}…"
-            )
+        _check_file(bundle / rel, expected, component.name)
+
+
+def verify_paths(bundle: Path, manifest: Manifest, paths: Iterable[str], what: str) -> None:
+    """Check files against the manifest before they are read, so a damaged one is named as such instead of
+    failing later in a parser. An older bundle's unhashed files (merges.txt) pass unchecked."""
+    for rel in paths:
+        expected = manifest.files.get(rel)
+        if expected is not None:
+            _check_file(bundle / rel, expected, what)
+        elif manifest.hashes_every_file:
+            raise BundleError(f"{what}: {bundle / rel} has no sha256 in the manifest's file list, which should "
+                              "name every file of the bundle; re-convert the model")
+
+
+def verify_tokenizer(bundle: Path, manifest: Manifest) -> None:
+    """vocab.json and merges.txt, before the tokenizer reads them."""
+    verify_paths(bundle, manifest, (manifest.tokenizer["vocab"], manifest.tokenizer["merges"]), "tokenizer")
+
+
+def verify_bundle(bundle: Path, manifest: Manifest) -> None:
+    """Every file the manifest hashes: a complete, undamaged bundle passes."""
+    verify_paths(bundle, manifest, manifest.files, "bundle")
+
+
+def _check_file(path: Path, expected: str, what: str) -> None:
+    if not path.is_file():
+        raise BundleError(f"{what}: file {path} named in the manifest is missing")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise BundleError(
+            f"{what}: {path} is corrupt or was replaced: sha256 {actual[:12]}… "
+            f"does not match the manifest's {expected[:12]}…"
+        )
 
 
 def write_manifest(bundle: Path, data: dict[str, Any]) -> Manifest:

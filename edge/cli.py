@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
+from edge.validate import GUIDANCE_RULE, count_arg, number_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,13 +71,16 @@ def _coreml_options(a: argparse.Namespace):
 
 def _generate(a: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
-    from edge.png import save_png
+    from edge.png import save_image
 
     pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
                          compute_units=a.compute_units)
+    plan = pipe.plan_for(*_size(pipe, a), num_images=a.num_images, guided=a.guidance > 1)
     if a.memory_budget is not None:
-        plan = pipe.plan_for(*_size(pipe, a), num_images=a.num_images, guided=a.guidance > 1)
         print(plan.describe(), file=sys.stderr)
+    else:  # no plan to show, but what it knows of this CPU's int8 speed still matters
+        for note in plan.notes:
+            print(f"note: {note}", file=sys.stderr)
     result = pipe.generate(
         a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
@@ -82,7 +89,7 @@ def _generate(a: argparse.Namespace) -> int:
     out = Path(a.output)
     for k, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
-        save_png(image, path, {**result.params, "index": k})
+        save_image(image, path, {**result.params, "index": k}, quality=a.quality)
         print(f"wrote {path}")
     t = result.timings
     print(f"load {sum(pipe.load_seconds.values()):.2f}s | text encoder {t['text_encoder']:.2f}s | "
@@ -131,11 +138,22 @@ def _info(a: argparse.Namespace) -> int:
               f"{len(c.chunks) or 1:>7}  {kernel}")
     total = sum(c.bytes for c in m.components.values())
     print(f"total {format_bytes(total)}")
+    from edge.cpu import features  # which int8 kernels this machine runs the bundle's int8 graphs with
+
+    print(f"this cpu: {features().arch} [{' '.join(features().flags)}]  int8: {features().int8_path}")
     from edge.coreml_backend import describe  # the manifest's Core ML section, if any (reads JSON only)
 
     for line in describe(a.bundle):
         print(line)
     return 0
+
+
+def _check(a: argparse.Namespace) -> int:
+    from edge.selfcheck import check_bundle, report
+
+    rows = check_bundle(a.bundle, threads=a.threads)
+    print("\n".join(report(rows)))
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def _progress_bar(width: int = 30):
@@ -153,10 +171,111 @@ def _progress_bar(width: int = 30):
     return show
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge", description="Stable Diffusion on the devices people own.")
-    sub = p.add_subparsers(required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other refusal here: `error: ...`, exit status 2."""
 
+    def error(self, message: str) -> NoReturn:
+        checked = re.sub(r"^argument [^:]+: (?=-)", "", message)  # our `type=` functions name their flag already
+        hint = "" if checked != message else f" (`{self.prog} --help` lists the arguments)"
+        self.exit(2, f"error: {checked}{hint}\n")
+
+
+def _budget(flag: str) -> Callable[[str], str]:
+    """argparse type: a memory size edge can parse (kept as text: the library parses it again and quotes it)."""
+    def parse(text: str) -> str:
+        from edge.plan import parse_bytes
+
+        try:
+            parse_bytes(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{flag}: {e}") from None
+        except OverflowError:  # '1e400GB': a float infinity
+            raise argparse.ArgumentTypeError(f"{flag}: memory budget {text!r} is not a finite size; use e.g. 4GB, "
+                                             "1.5GiB or 2048MB") from None
+        return text
+    return parse
+
+
+def _image_path(text: str) -> Path:
+    """argparse type: an output path whose extension names a format edge writes (checked before any work)."""
+    from edge.png import check_output_path
+
+    try:
+        return check_output_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"-o/--output: {e}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edge", description="Stable Diffusion on the devices people own.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+    _add_convert(sub)
+    _add_generate(sub)
+
+    pl = sub.add_parser("plan", help="print how a bundle would run within a memory budget, before loading it")
+    pl.add_argument("bundle", type=Path)
+    pl.add_argument("--memory-budget", required=True, type=_budget("--memory-budget"), help="e.g. 4GB, 1.5GiB, 2048MB")
+    _add_size_arguments(pl)
+    pl.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=7.5,
+                    help=f"guidance scale, {GUIDANCE_RULE}")
+    pl.set_defaults(run=_plan)
+
+    pr = sub.add_parser("profile", help="measure a bundle's memory on this machine, for `edge plan`")
+    pr.add_argument("bundle", type=Path)
+    pr.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1)")
+    pr.set_defaults(run=_profile)
+
+    i = sub.add_parser("info", help="summarise a bundle's manifest")
+    i.add_argument("bundle", type=Path)
+    i.set_defaults(run=_info)
+
+    ck = sub.add_parser("check", help="re-measure a bundle's int8/fp16 accuracy on this CPU against its manifest")
+    ck.add_argument("bundle", type=Path)
+    ck.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1)")
+    ck.set_defaults(run=_check)
+
+    from edge.bench import add_bench_parser  # torch-free; peers run in child processes
+
+    add_bench_parser(sub)
+    return p
+
+
+def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """--height, --width, --num-images: positive here; the bundle's size step is checked once it is read."""
+    parser.add_argument("--height", type=count_arg("--height"), help="pixels (default: the bundle's trained size; "
+                        "a multiple of the step `edge info` prints)")
+    parser.add_argument("--width", type=count_arg("--width"), help="pixels (as --height)")
+    parser.add_argument("--num-images", type=count_arg("--num-images"), default=1, help="images per prompt (>= 1)")
+
+
+def _add_generate(sub) -> None:
+    from edge.png import DEFAULT_QUALITY, FORMATS
+
+    g = sub.add_parser("generate", help="generate images from a prompt")
+    g.add_argument("bundle", type=Path)
+    g.add_argument("prompt")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--steps", type=count_arg("--steps"), default=20, help="denoising steps (>= 1)")
+    g.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=7.5,
+                   help=f"classifier-free guidance scale, {GUIDANCE_RULE}")
+    g.add_argument("--scheduler", default="euler")
+    g.add_argument("--seed", type=count_arg("--seed", minimum=0), default=0, help="initial noise seed (>= 0)")
+    _add_size_arguments(g)
+    g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
+                   "cores)")
+    g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")
+    g.add_argument("--compute-units", default="cpu_and_ne", help="Core ML: all, cpu_only, cpu_and_gpu, cpu_and_ne")
+    g.add_argument("-o", "--output", default="out.png", type=_image_path,
+                   help=f"image to write, in the format its extension names ({', '.join(FORMATS)}), with the "
+                        "generation parameters in its metadata; an index is added for several images")
+    g.add_argument("--quality", type=count_arg("--quality", maximum=100), default=DEFAULT_QUALITY,
+                   help=f".jpg/.webp quality, 1-100 (default {DEFAULT_QUALITY}; 100 makes WebP lossless)")
+    g.add_argument("--memory-budget", type=_budget("--memory-budget"),
+                   help="stay within this much memory, e.g. 4GB (see `edge plan`)")
+    g.set_defaults(run=_generate)
+
+
+def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="convert a Stable Diffusion model to an edge bundle")
     c.add_argument("source", help="diffusers folder, .safetensors checkpoint, Hub id (from the local cache), "
                                   "or 'default' (the shipped model)")
@@ -166,9 +285,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     c.add_argument("--attention",
                    help="attention kernel (kernels/attention.py). ONNX: fused (onnxruntime's flash attention node; "
-                        "default), original, sliced (with --attention-chunk), split_einsum. Core ML: split_einsum "
-                        "(Neural Engine; default) or original (GPU)")
-    c.add_argument("--attention-chunk", type=int, help="query rows per slice for --attention sliced")
+                        "default), original, sliced (--attention-chunk query rows at a time), split_einsum. "
+                        "Core ML: split_einsum (Neural Engine; default) or original (GPU)")
+    c.add_argument("--attention-chunk", type=count_arg("--attention-chunk"), metavar="ROWS",
+                   help="query rows per slice for --attention sliced (>= 1; default 1024: SD 1.5's largest "
+                        "self-attention, 4096 rows at 512 px, then holds 128 MiB of scores per image instead of "
+                        "512 MiB)")
     c.add_argument("--precision", default="fp32", help="fp32, fp16, int8 or int4 weights")
     c.add_argument("--quantize-ops", help="op types whose weights int8/int4 convert (default MatMul,Gemm; "
                    "int8 may add Conv,Gather)")
@@ -176,13 +298,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="int8 activations: dynamic (quantized per call) or static (UNet Conv activations "
                         "calibrated on the model's own trajectories; runs as QLinearConv, 3.2-3.8x faster convs "
                         "on VNNI)")
-    c.add_argument("--min-psnr", type=float, help="PSNR vs fp32 below which the most sensitive layers stay "
-                   "fp32 (default: fp16 40, int8 30, int4 25 dB)")
-    c.add_argument("--split-unet", type=int, metavar="N", help="cut the UNet into N chunks")
-    c.add_argument("--max-chunk-mb", type=float, metavar="M", help="or: the fewest chunks of at most M MB")
+    c.add_argument("--min-psnr", type=number_arg("--min-psnr", above=0.0), metavar="DB",
+                   help="PSNR vs fp32 (a finite number > 0) below which the most sensitive layers stay fp32 "
+                        "(default: fp16 40, int8 30, int4 25 dB)")
+    c.add_argument("--split-unet", type=count_arg("--split-unet"), metavar="N",
+                   help="cut the UNet into N chunks (>= 1)")
+    c.add_argument("--max-chunk-mb", type=number_arg("--max-chunk-mb", above=0.0), metavar="M",
+                   help="or: the fewest chunks of at most M MB (a finite number > 0)")
     c.add_argument("--no-memory-profile", action="store_true", help="skip measuring the graphs' memory "
                    "(the bundle then cannot be planned for a budget)")
-    c.add_argument("--threads", type=int, help="onnxruntime threads for the memory measurements")
+    c.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime threads for the memory measurements "
+                   "(>= 1)")
     c.add_argument("--no-tiled-vae", action="store_true", help="skip the VAE decoder graph that tiled decoding "
                    "under a tight budget uses (tiles then normalise on their own and colours drift)")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "
@@ -196,47 +322,6 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--compile", action="store_true", help="also compile the Core ML models to .mlmodelc "
                    "(macOS, Xcode's coremlcompiler)")
     c.set_defaults(run=_convert)
-
-    g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("bundle", type=Path)
-    g.add_argument("prompt")
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--scheduler", default="euler")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")
-    g.add_argument("--compute-units", default="cpu_and_ne", help="Core ML: all, cpu_only, cpu_and_gpu, cpu_and_ne")
-    g.add_argument("-o", "--output", default="out.png", help="PNG path (an index is added for several images)")
-    g.add_argument("--memory-budget", help="stay within this much memory, e.g. 4GB (see `edge plan`)")
-    g.set_defaults(run=_generate)
-
-    pl = sub.add_parser("plan", help="print how a bundle would run within a memory budget, before loading it")
-    pl.add_argument("bundle", type=Path)
-    pl.add_argument("--memory-budget", required=True, help="e.g. 4GB, 1.5GiB, 2048MB")
-    pl.add_argument("--height", type=int)
-    pl.add_argument("--width", type=int)
-    pl.add_argument("--num-images", type=int, default=1)
-    pl.add_argument("--guidance", type=float, default=7.5)
-    pl.set_defaults(run=_plan)
-
-    pr = sub.add_parser("profile", help="measure a bundle's memory on this machine, for `edge plan`")
-    pr.add_argument("bundle", type=Path)
-    pr.add_argument("--threads", type=int)
-    pr.set_defaults(run=_profile)
-
-    i = sub.add_parser("info", help="summarise a bundle's manifest")
-    i.add_argument("bundle", type=Path)
-    i.set_defaults(run=_info)
-
-    from edge.bench import add_bench_parser  # torch-free; peers run in child processes
-
-    add_bench_parser(sub)
-    return p
 
 
 if __name__ == "__main__":

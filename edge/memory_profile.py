@@ -15,6 +15,7 @@ import platform
 from pathlib import Path
 from typing import Callable
 
+from edge.cpu import features
 from edge.memprobe import fit_activation, probe
 
 # What `edge generate` loads; the head of the cut VAE decoder (tiled decoding) where the bundle has one.
@@ -71,7 +72,8 @@ def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int],
                                                                             "carry")}} for p, b, m in measured],
         })
     return {"graphs": graphs, "probe": {"threads": threads, "machine": platform.machine(),
-                                        "system": platform.system(), "onnxruntime": _ort_version()}}
+                                        "system": platform.system(), "onnxruntime": _ort_version(),
+                                        "cpu_features": features().as_dict()}}
 
 
 def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str], None] = print) -> None:

@@ -82,7 +82,7 @@ def _measure(job: dict) -> dict:
     """Run the job's graphs in order (chunks feed the next); measure each one."""
     import onnxruntime as ort
 
-    from edge.pipeline import session_options
+    from edge.sessions import session_options
 
     options = session_options(job.get("threads"))  # exactly as the runtime opens them
     rng = np.random.default_rng(0)

@@ -14,11 +14,13 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from edge.bundle import Component, Manifest, read_manifest, verify_files
+from edge.bundle import Component, Manifest, read_manifest, verify_files, verify_tokenizer
 from edge.memprobe import release_memory, rss_bytes
-from edge.plan import Plan, make_plan, parse_bytes
+from edge.plan import Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
+from edge.sessions import session_options
 from edge.tokenizer import ClipTokenizer
+from edge.validate import check_generate
 from edge.vae_tiling import decode_tiled, decode_tiled_shared
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
@@ -34,32 +36,6 @@ class Result:
     latents: np.ndarray = field(repr=False)  # (N, C, h, w) final latents, before decoding
 
 
-OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                       "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                       "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-
-def session_options(threads: int | None = None, memory_arena: bool = False,
-                    optimization: str = "extended") -> ort.SessionOptions:
-    """How every graph is opened (the memory probes open them the same way, at "extended").
-
-    `optimization` is onnxruntime's graph optimisation level. "all" adds the NCHWc layout rewrite: faster
-    convolutions, for a second, re-laid-out copy of every convolution weight and a larger transient while
-    loading. Measured on SD 1.5 (2-core x86, fused attention): UNet call ~15 % faster at "all" (interleaved
-    in one process: 9.0 vs 10.7 s best, 17.4 vs 20.6 s CPU), ~0.2 GB more resident; VAE decoder resident
-    390 vs 204 MB, UNet quarter load peak 1611 vs 943 MB. So: "all" when memory is not counted, "extended"
-    under a budget (the planner's measurements are taken at "extended").
-    """
-    if optimization not in OPTIMIZATION_LEVELS:
-        raise ValueError(f"unknown graph optimisation {optimization!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}")
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = memory_arena
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return options
-
-
 def _to_pil(image: np.ndarray) -> Image.Image:
     """(3, H, W) in ~[-1, 1] -> an 8-bit RGB image."""
     image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # (H, W, 3)
@@ -67,8 +43,8 @@ def _to_pil(image: np.ndarray) -> Image.Image:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str],
-                 tokenizer: ClipTokenizer, memory_budget: int | None, verify: bool):
+    def __init__(self, bundle: Path, manifest: Manifest, options: dict[bool, ort.SessionOptions] | None,
+                 providers: list[str], tokenizer: ClipTokenizer, memory_budget: int | None, verify: bool):
         self.bundle = bundle
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -112,7 +88,7 @@ class Pipeline:
         budget = None if memory_budget is None else parse_bytes(memory_budget)
         if optimization is None:
             optimization = "all" if budget is None else "extended"
-        options = session_options(threads, memory_arena, optimization)
+        options = {int8: session_options(threads, memory_arena, optimization, int8=int8) for int8 in (True, False)}
         providers = ["CPUExecutionProvider"] if providers is None else providers
         return cls._start(bundle, manifest, options, providers, budget, verify, preload)
 
@@ -121,6 +97,8 @@ class Pipeline:
                verify: bool, preload: bool, **attributes) -> "Pipeline":
         """A pipeline over a read manifest: tokenizer, the plan for the default size, and (if everything
         stays resident) every stage loaded now. A budget no plan meets raises BudgetError here."""
+        if verify:
+            verify_tokenizer(bundle, manifest)  # a damaged vocab.json or merges.txt is named, not parsed
         tok = ClipTokenizer(bundle / manifest.tokenizer["vocab"], bundle / manifest.tokenizer["merges"],
                             max_length=manifest.text_max_length, pad_token=manifest.pad_token)
         pipe = cls(bundle, manifest, options, providers, tok, budget, verify)
@@ -135,7 +113,8 @@ class Pipeline:
     def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True) -> Plan:
         """How generate() will run at this size within the budget; BudgetError if nothing fits."""
         if self.memory_budget is None:
-            return Plan(None, True, 2 if guided else 1, False, None, 0, self._base_rss, ())
+            return Plan(None, True, 2 if guided else 1, False, None, 0, self._base_rss, (),
+                        notes=int8_notes(self.manifest))
         return make_plan(self.manifest, self.memory_budget, height, width, num_images=num_images,
                          guided=guided, base=self._base_rss)
 
@@ -143,6 +122,7 @@ class Pipeline:
                  scheduler: str = "euler", seed: int = 0, height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None, callback: Callback | None = None,
                  num_images: int = 1) -> Result:
+        guidance, seed = check_generate(guidance, seed)
         height, width = self._check_size(height, width)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
@@ -301,7 +281,8 @@ class Pipeline:
         if self._verify and component.name not in self._verified:
             verify_files(self.bundle, component)
             self._verified.add(component.name)
-        return ort.InferenceSession(str(self.bundle / component.graphs[k]), self._options,
+        options = self._options[component.precision.startswith("int8")]  # int8 graphs: exact kernels (edge.cpu)
+        return ort.InferenceSession(str(self.bundle / component.graphs[k]), options,
                                     providers=self.providers)
 
     def _done_with(self, name: str) -> None:

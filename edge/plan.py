@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from edge.bundle import Component, Manifest
+from edge.cpu import CpuFeatures, features
 from edge.memory import format_bytes
 from edge.memprobe import activation_bytes
 
@@ -47,6 +48,8 @@ def parse_bytes(text: str | int | float) -> int:
         if not m or m.group(2).upper() not in _UNITS:
             raise ValueError(f"memory budget {text!r} is not a size; use e.g. 4GB, 1.5GiB or 2048MB")
         value, unit = float(m.group(1)), m.group(2).upper()
+    if not math.isfinite(value * _UNITS[unit]):  # 1e400GB: no size, and int() of it would overflow
+        raise ValueError(f"memory budget {text!r} is not a finite size; use e.g. 4GB, 1.5GiB or 2048MB")
     n = int(value * _UNITS[unit])
     if n <= 0:
         raise ValueError(f"memory budget {text!r} must be positive")
@@ -71,6 +74,7 @@ class Plan:
     base: int  # process RSS before any graph is loaded
     stages: tuple[Stage, ...] = field(default=())
     unet_keep: int = 0  # with unet_per_call: the first chunks that stay loaded; the rest load for every call
+    notes: tuple[str, ...] = ()  # what the user should know about speed on this CPU (int8_notes)
 
     @property
     def peak(self) -> int:
@@ -84,7 +88,7 @@ class Plan:
                                    "loaded per stage, freed after (text encoder before denoising, "
                                    "VAE decoder after it)")]
         lines += [f"  {s.name:<13} peak {format_bytes(s.peak):>9}  {s.detail}" for s in self.stages]
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,19 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
             f"{'a split UNet (--split-unet) or ' if not chunked else ''}a lower precision bundle needs less)")
     (batch, keep, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
     return Plan(budget, False, batch, keep < n, tile, _overlap(tile), base, (text_stage, unet_stage, vae_stage),
-                unet_keep=keep if keep < n else 0)
+                unet_keep=keep if keep < n else 0, notes=int8_notes(manifest))
+
+
+def int8_notes(manifest: Manifest, cpu: CpuFeatures | None = None) -> tuple[str, ...]:
+    """Where the bundle's int8 graphs gain no speed on this CPU, say so: on x86 without VNNI and ARM without
+    dot product, onnxruntime's exact int8 kernels are no faster than fp32 (AMD EPYC Zen 1, SD 1.5 UNet call:
+    static int8 30.6 s against fp32 26.7 s; benchmarks/RESULTS.md "int8 on every CPU")."""
+    cpu = features() if cpu is None else cpu
+    int8 = sorted(n for n, c in manifest.components.items() if c.precision.startswith("int8"))
+    if not int8 or cpu.int8_dot:
+        return ()
+    return (f"{', '.join(int8)} int8 on this CPU ({cpu.int8_path.split(':')[0]}): int8 saves memory here but "
+            "is no faster than fp32; where an fp32 bundle fits the budget it is as fast or faster",)
 
 
 def _loading_peak(before: int, graphs: _Graphs, count: int | None = None) -> int:

@@ -27,16 +27,19 @@ class Encoded:
 
 class ClipTokenizer:
     def __init__(self, vocab_file: Path, merges_file: Path, max_length: int = 77, pad_token: str = EOS):
-        vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
-        lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        vocab = read_vocab(Path(vocab_file))
+        merges = read_merges(Path(merges_file))
         for token in (BOS, EOS, pad_token):
             if token not in vocab:
                 raise ValueError(f"{vocab_file}: token {token!r} is missing from the vocabulary")
-        bpe = models.BPE(
-            vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-            fuse_unk=False, unk_token=EOS,
-        )
+        try:
+            bpe = models.BPE(
+                vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                fuse_unk=False, unk_token=EOS,
+            )
+        except Exception as e:  # the tokenizers binding raises its own exception type
+            raise ValueError(f"{merges_file} does not match {vocab_file} ({e}); expected the BPE merges of that "
+                             "vocabulary") from None
         self._tok = Tokenizer(bpe)
         self._tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -70,3 +73,39 @@ class ClipTokenizer:
                 stacklevel=2,
             )
         return enc.ids
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    """CLIP's vocab.json: a JSON object of token -> integer id; any other content is refused, naming the file."""
+    expected = "expected CLIP's vocabulary, a JSON object mapping each token to an integer id"
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({e}); {expected}") from None
+    if not isinstance(vocab, dict) or not vocab:
+        what = "an empty object" if vocab == {} else f"a JSON {type(vocab).__name__}"
+        raise ValueError(f"{path}: holds {what}; {expected}")
+    bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: token {bad!r} maps to {vocab[bad]!r}; {expected}")
+    return vocab
+
+
+def read_merges(path: Path) -> list[tuple[str, str]]:
+    """CLIP's merges.txt: an optional "#version" line, then one merge per line, two tokens separated by a space."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); expected BPE merges, two tokens per line") from None
+    merges = []
+    for n, line in enumerate(lines, 1):
+        if not line or (n == 1 and line.startswith("#version")):
+            continue
+        pair = line.split()
+        if len(pair) != 2:
+            raise ValueError(f"{path}: line {n} is {line[:60]!r}; expected a BPE merge, two tokens separated by "
+                             "a space")
+        merges.append((pair[0], pair[1]))
+    if not merges:
+        raise ValueError(f"{path}: holds no merges; expected BPE merges, two tokens per line")
+    return merges

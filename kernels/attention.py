@@ -6,7 +6,7 @@ Every kernel has the same signature and the same result (to float rounding):
         q      (B, Sq, C)   queries, heads packed along channels (C = heads * d)
         k, v   (B, Sk, C)   keys and values (Sk = Sq for self-attention, 77 for text cross-attention)
         heads  int          number of heads; C must divide by it
-        chunk  int | None   query rows per slice; only `sliced` uses it (and needs it)
+        chunk  int | None   query rows per slice; only `sliced` uses it (and needs it; the CLI defaults it)
         scale  float | None score scale; None means d ** -0.5
         out    (B, Sq, C)
 
@@ -35,6 +35,12 @@ from collections.abc import Callable
 import torch
 
 Kernel = Callable[..., torch.Tensor]
+
+# `sliced`'s chunk when none is asked for (`edge convert --attention sliced`). SD 1.5's largest attention is the
+# self-attention at the 64x64 latent of a 512 px image: 4096 query rows and keys, 8 heads, so its whole score
+# matrix is 8 x 4096 x 4096 float32 = 512 MiB per image. 1024 rows hold it to 128 MiB (a quarter; 4 slices per
+# call), and it is the chunk the SD 1.5 memory-budget runs in benchmarks/RESULTS.md were measured with.
+DEFAULT_CHUNK = 1024
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -116,3 +116,11 @@ def test_arm64_static_int8_is_as_close_to_fp32_as_on_x86(tmp_path):
     print(f"static int8 vs fp32: x86 {on_x86:.1f} dB, arm64 {on_arm:.1f} dB; "
           f"arm64 vs x86 {psnr(x86, arm, peak=255.0):.1f} dB")
     assert on_arm >= on_x86 - 1.0 and on_x86 > 20.0
+    # and the manifest's own figures, on the Pi 4's core (no dot product), on one with dot product, i8mm and SVE,
+    # and with SME too (QEMU's "max": where edge.cpu turns KleidiAI's int8 kernels off): the same figures on all
+    for cpu in ("cortex-a72", "max,sme=off", "max"):
+        proc = subprocess.run([*_arm_python(), "-m", "edge.cli", "check", str(int8)], capture_output=True,
+                              text=True, timeout=600, cwd=REPO, env={**os.environ, "QEMU_CPU": cpu})
+        assert proc.returncode == 0, f"edge check on arm64 {cpu}:\n{proc.stdout}\n{proc.stderr[-2000:]}"
+        expected = "NEON widening multiply" if cpu == "cortex-a72" else "dot product + i8mm"
+        assert expected in proc.stdout and proc.stdout.count(" ok") == 2, proc.stdout

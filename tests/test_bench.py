@@ -52,6 +52,10 @@ def test_bench_writes_json_markdown_and_png(edge_only):
         assert key in r
     for key in ("cpu_model", "logical_cpus", "os", "architecture"):
         assert r["system"][key]
+    from edge.cpu import features
+
+    assert r["system"]["cpu_features"] == features().as_dict()  # which int8 kernels the figures were taken with
+    assert f"int8: {features().int8_path}" in (out / "results.md").read_text()
     assert r["bundle"]["bytes_on_disk"] > 0 and set(r["bundle"]["components"]) >= {"unet", "text_encoder"}
     assert r["config"]["steps"] == 3 and r["config"]["repeat"] == 2
     assert r["memory_budget"]["within"] is True

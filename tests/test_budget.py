@@ -168,6 +168,9 @@ def test_profile_remeasures_on_this_machine(small, tmp_path):
     after = read_manifest(copy)
     assert after.bundle_id == before.bundle_id and after.components["unet"].files == before.components["unet"].files
     assert [g["file"] for g in after.components["unet"].memory["graphs"]] == ["unet_chunk0.onnx", "unet_chunk1.onnx"]
+    from edge.cpu import features
+
+    assert after.components["unet"].memory["probe"]["cpu_features"] == features().as_dict()  # what was measured on
     Pipeline.load(copy, memory_budget="2GB").generate(PROMPT, steps=2)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import EDGE, REPO, run_edge
 from edge.bundle import FORMAT_VERSION
-from edge.bundle import COMPONENTS, read_manifest, sha256_file
+from edge.bundle import COMPONENTS, read_manifest, sha256_file, verify_bundle
 
 
 @pytest.mark.parametrize("key", ["folder-epsilon", "single-v_prediction"])
@@ -82,9 +82,9 @@ def test_interrupted_convert_leaves_no_bundle(models, tmp_path):
         if sig != signal.SIGKILL:  # a clean interrupt also removes its scratch folder
             assert not list(tmp_path.glob(".bundle.partial-*")), sig
     assert list(tmp_path.glob(".bundle.partial-*"))  # SIGKILL: no chance to clean up
-    # and a later run succeeds in the same place, removing the dead run's folder
+    # and a later run succeeds in the same place (the dead run's lock is no lock), removing its folder
     run_edge("convert", models["folder-epsilon"], "-o", target)
-    assert not list(tmp_path.glob(".bundle.partial-*"))
+    assert not list(tmp_path.glob(".bundle.partial-*")) and not (tmp_path / ".bundle.lock").exists()
     assert json.loads((target / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
 
 
@@ -125,3 +125,82 @@ def test_hub_id_is_read_from_the_local_cache_only(models, tmp_path):
     proc = subprocess.run([*EDGE, "convert", "edge-test/other", "-o", str(tmp_path / "c")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "'edge-test/other' is not in the local Hugging Face cache" in proc.stderr
+
+
+def _start_convert(model, target) -> subprocess.Popen:
+    return subprocess.Popen([*EDGE, "convert", str(model), "-o", str(target)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _paused_once_converting(proc: subprocess.Popen, folder) -> list:
+    """Wait until `proc` has taken the lock and started writing its partial bundle, then stop it there."""
+    deadline = time.time() + 120
+    while not (partials := list(folder.glob(".b.partial-*"))) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert partials and proc.poll() is None, "the first convert never started writing"
+    proc.send_signal(signal.SIGSTOP)
+    return partials
+
+
+def _assert_complete(target) -> None:
+    from edge import Pipeline
+
+    m = read_manifest(target)
+    verify_bundle(target, m)  # every file of the bundle, against its manifest
+    assert set(m.components) == set(COMPONENTS)
+    assert Pipeline.load(target).generate("x", steps=1).images[0].size == (64, 64)
+    assert not list(target.parent.glob(".b.*")), list(target.parent.iterdir())  # no partial, lock or old folder
+
+
+def test_second_convert_to_a_folder_being_written_fails_at_once(models, tmp_path):
+    """The second must not wait for the end and then replace the first's bundle: it stops with the reason,
+    and leaves the first's partial folder alone."""
+    target = tmp_path / "b"
+    first = _start_convert(models["folder-epsilon"], target)
+    try:
+        partials = _paused_once_converting(first, tmp_path)
+        second = run_edge("convert", models["folder-v_prediction"], "-o", target, check=False)
+        assert first.poll() is None and all(p.is_dir() for p in partials)  # still paused mid-conversion
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: another `edge convert` (pid {first.pid}) is writing {target}; wait for it to finish or "
+        f"choose another -o (its lock: {tmp_path / '.b.lock'})")
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    _assert_complete(target)
+    assert read_manifest(target).prediction_type == "epsilon"  # the first's model, not the second's
+
+
+def test_simultaneous_converts_to_one_folder_one_wins(models, tmp_path):
+    target = tmp_path / "b"
+    procs = [_start_convert(models[k], target) for k in ("folder-epsilon", "folder-v_prediction")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    loser = next(err for rc, err in results if rc == 2).strip().splitlines()[-1]
+    # the loser either found the winner's lock or, started late, its finished bundle
+    assert f"is writing {target};" in loser or f"{target} already exists" in loser, loser
+    _assert_complete(target)
+    winner = ["epsilon", "v_prediction"][[rc for rc, _ in results].index(0)]
+    assert read_manifest(target).prediction_type == winner
+
+
+def test_folder_made_by_hand_during_a_convert_is_kept(models, tmp_path):
+    """Something else created the target meanwhile (not a convert: it took no lock). Without --overwrite it is
+    left untouched, and the finished bundle is kept beside it rather than thrown away."""
+    target = tmp_path / "b"
+    first = _start_convert(models["folder-epsilon"], target)
+    try:
+        _paused_once_converting(first, tmp_path)
+        target.mkdir()
+        (target / "mine.txt").write_text("keep me")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    kept = tmp_path / f"b.new-{first.pid}"
+    assert first.returncode == 2
+    assert err.strip().splitlines()[-1] == (f"error: {target} appeared while converting and was left as it is "
+                                            f"(pass --overwrite to replace it); the new bundle is at {kept}")
+    assert [p.name for p in target.iterdir()] == ["mine.txt"] and (target / "mine.txt").read_text() == "keep me"
+    verify_bundle(kept, read_manifest(kept))

@@ -176,3 +176,21 @@ def test_chunk_is_checked_at_the_boundary():
         KernelAttnProcessor("sliced", 0)
     with pytest.raises(ValueError, match="only to the 'sliced'"):
         KernelAttnProcessor("original", 64)
+
+
+def test_sliced_without_a_chunk_converts_with_the_default(models, tmp_path):
+    """`edge convert --attention sliced` alone slices DEFAULT_CHUNK query rows and records it in the manifest."""
+    from conftest import run_edge
+    from edge.bundle import read_manifest
+    from edge.kernels.attention import DEFAULT_CHUNK
+
+    bundle = tmp_path / "b"
+    run_edge("convert", models["folder-epsilon"], "-o", bundle, "--attention", "sliced", "--no-memory-profile")
+    recorded = {name: c.attention for name, c in read_manifest(bundle).components.items() if c.attention}
+    assert "unet" in recorded and "vae_decoder" in recorded
+    assert all(a == {"kernel": "sliced", "chunk": DEFAULT_CHUNK} for a in recorded.values()), recorded
+    assert any(n.op_type == "Loop" for n in onnx.load(str(bundle / "unet.onnx")).graph.node)
+    assert f"sliced ({DEFAULT_CHUNK})" in run_edge("info", bundle).stdout
+    assert f"default {DEFAULT_CHUNK}" in run_edge("convert", "--help").stdout  # the help states the same figure
+    # what the figure bounds: SD 1.5's largest self-attention (512 px: 64x64 latent, 8 heads) in float32
+    assert 8 * DEFAULT_CHUNK * 4096 * 4 == 128 * 2**20

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from edge.converters.quantize import PRECISIONS, mixed_precision, psnr_parity, quantize
 from edge.metrics import psnr
+from edge.sessions import open_session
 
 GRAPHS = ("unet", "text_encoder", "vae_decoder")
 VARIANTS = {  # name: (precision, quantize options)
@@ -45,7 +45,7 @@ def feeds(graph: str, h: int = 4, w: int = 6, seed: int = 0) -> dict[str, np.nda
 
 
 def run(path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)
+    return open_session(path).run(None, inputs)  # as the runtime opens it: exact int8 on every CPU (edge.cpu)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def quantized(bundles, tmp_path_factory) -> dict:
 def test_runs_with_the_same_interface_and_stays_close(bundles, quantized, graph, variant):
     path, report = quantized[graph, variant]
     fp32 = bundles["folder-epsilon"] / f"{graph}.onnx"
-    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, path))
+    a, b = (open_session(p) for p in (fp32, path))
     assert [(i.name, i.type) for i in a.get_inputs()] == [(i.name, i.type) for i in b.get_inputs()]
     assert [(o.name, o.type) for o in a.get_outputs()] == [(o.name, o.type) for o in b.get_outputs()]
     sizes = [(4, 6), (8, 8)] if graph != "text_encoder" else [(0, 0)]

@@ -14,8 +14,11 @@ twice:
 
 from __future__ import annotations
 
+import inspect
+import json
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -24,9 +27,9 @@ torch = pytest.importorskip("torch")  # the reference side only: the `convert` e
 diffusers = pytest.importorskip("diffusers")
 
 from edge.schedulers import (  # noqa: E402
-    DIFFUSERS_EQUIVALENT, SCHEDULERS, SchedulerConfig, make_scheduler, scheduler_config_from_dict,
+    DIFFUSERS_EQUIVALENT, SCHEDULERS, SchedulerConfig, make_scheduler, scheduler_config_from_dict, with_defaults,
 )
-from edge.schedulers.config import alphas_cumprod  # noqa: E402
+from edge.schedulers.config import DEFAULTS, alphas_cumprod  # noqa: E402
 
 torch.set_num_threads(1)
 # diffusers' schedulers call np.array(tensor, copy=False) under numpy 2: harmless, and not ours to fix.
@@ -42,6 +45,9 @@ CONFIGS = {
     "sd15": SD15,
     "sd15_leading": {**SD15, "timestep_spacing": "leading"},  # as SDXL's json: leading for every class
     "sd15_trailing": {**SD15, "timestep_spacing": "trailing"},
+    # leading without steps_offset: each class's own offset (0) applies, not SD 1.5's 1
+    "leading_no_offset": {k: v for k, v in {**SD15, "timestep_spacing": "leading"}.items() if k != "steps_offset"},
+    "empty": {},  # nothing stated: every key is the class's default (DDIM clips, LCM's betas differ from Euler's)
     "linear_linspace": {  # also non-default clipping (ddim, lcm) and LCM distillation settings
         "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000,
         "timestep_spacing": "linspace", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": True,
@@ -204,10 +210,61 @@ def test_any_diffusers_sampler_config_of_the_sd_schedule_is_read(cls: str) -> No
     assert scheduler_config_from_dict(config).beta_schedule == "scaled_linear"
 
 
-def test_sd15_json_maps_to_defaults() -> None:
-    assert scheduler_config_from_dict(SD15) == SchedulerConfig()
+def test_sd15_json_keeps_what_it_states() -> None:
+    cfg = scheduler_config_from_dict(SD15)
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.steps_offset, cfg.set_alpha_to_one, cfg.clip_sample) == (
+        "scaled_linear", 0.00085, 1, False, False)
+    assert cfg.timestep_spacing is None and cfg.prediction_type is None  # SD 1.5's json does not say
+    spacing = {name: with_defaults(cfg, name).timestep_spacing for name in ("ddim", "pndm", "euler", "dpmpp_2m")}
+    assert spacing == {"ddim": "leading", "pndm": "leading", "euler": "linspace", "dpmpp_2m": "linspace"}
+    assert with_defaults(cfg, "euler").steps_offset == 1  # stated: kept
     cfg = scheduler_config_from_dict({**SD15, "prediction_type": "v_prediction", "timestep_spacing": "trailing"})
     assert (cfg.prediction_type, cfg.timestep_spacing, cfg.steps_offset) == ("v_prediction", "trailing", 1)
+    assert with_defaults(cfg, "ddim").timestep_spacing == "trailing"
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_defaults_are_the_diffusers_class_defaults(name: str) -> None:
+    """What a config leaves open is what the diffusers class of the same algorithm would use."""
+    cls_name, _ = REFERENCE[name]
+    params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+    resolved = with_defaults(SchedulerConfig(), name)
+    shared = [f.name for f in fields(SchedulerConfig) if f.name in params]
+    assert len(shared) >= 7, shared
+    for key in shared:
+        assert getattr(resolved, key) == params[key].default, f"{name}: {key}"
+    assert all(getattr(resolved, f.name) is not None for f in fields(SchedulerConfig))
+
+
+def test_defaults_cover_every_scheduler() -> None:
+    assert list(DEFAULTS) == list(SCHEDULERS)
+    with pytest.raises(ValueError, match="unknown scheduler 'xyz'; known: ddim, pndm"):
+        with_defaults(SchedulerConfig(), "xyz")
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "ddim"])
+def test_older_bundles_keep_what_they_recorded(name: str) -> None:
+    """Converters before the stated-keys manifest recorded the source class's whole config, its defaults
+    included (PNDM's "leading" for SD 1.5): those bundles sample as they always did, from those values."""
+    recorded = json.loads(json.dumps(dict(diffusers.PNDMScheduler.from_config(SD15).config)))
+    assert "timestep_spacing" in recorded["_use_default_values"]
+    cfg = scheduler_config_from_dict(recorded)
+    assert (cfg.timestep_spacing, cfg.prediction_type) == ("leading", "epsilon")
+    cls_name, extra = REFERENCE[name]
+    as_recorded = {k: v for k, v in recorded.items() if k != "_use_default_values"}  # every key as stated
+    ref = getattr(diffusers, cls_name).from_config(as_recorded, **extra)
+    ref.set_timesteps(6)
+    ours = make_scheduler(name, cfg)
+    ours.set_timesteps(6)
+    np.testing.assert_array_equal(ours.timesteps.astype(np.int64), ref.timesteps.numpy().astype(np.int64))
+
+
+def test_config_value_types_checked() -> None:
+    with pytest.raises(ValueError, match="scheduler config steps_offset='1': expected a number"):
+        scheduler_config_from_dict({**SD15, "steps_offset": "1"})
+    with pytest.raises(ValueError, match="scheduler config clip_sample=2: expected true or false"):
+        scheduler_config_from_dict({**SD15, "clip_sample": 2})
+    assert scheduler_config_from_dict({**SD15, "clip_sample": 1, "timestep_spacing": None}).clip_sample is True
 
 
 @pytest.mark.parametrize("name", ["euler_a", "lcm"])

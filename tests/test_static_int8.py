@@ -107,3 +107,15 @@ def test_mixed_precision_keeps_the_most_sensitive_convolutions(tmp_path):
     fp32_convs = {n.name for n in graph.node if n.op_type == "Conv" and n.input[1] in consts}  # float weights
     kept = [n for n in fp32_convs if any(n.strip("/").startswith(g) for g in q["kept_fp32_groups"])]
     assert kept and fp32_convs == set(kept) | set(q["boundary_fp32"])
+
+
+def test_static_int8_reaches_its_manifest_figure_on_an_avx2_only_cpu(static):
+    """The chunked static UNet (QLinearConv + dynamic MatMuls) under an emulated AMD EPYC Zen 1 (AVX2, no
+    VNNI): the same held-out-trajectory PSNR as the manifest records (tests/test_cpu.py has the why)."""
+    from test_cpu import _emulated, on_x86_linux
+
+    if on_x86_linux.args[0]:
+        pytest.skip(on_x86_linux.kwargs["reason"])
+    out = _emulated("EPYC", "-m", "edge.cli", "check", str(static[0])).stdout
+    assert "u8u8 on AVX2" in out and out.count(" ok") == 2, out
+

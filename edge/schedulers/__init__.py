@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import SchedulerConfig, scheduler_config_from_dict
+from .config import SchedulerConfig, scheduler_config_from_dict, with_defaults
 from .ddim import DDIMScheduler
 from .dpmpp_2m import DPMPP2MKarrasScheduler, DPMPP2MScheduler
 from .euler import EulerScheduler
@@ -67,10 +67,12 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[str, dict]] = {
 
 
 def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
-    """The scheduler registered under `name`, for a model trained with `config`."""
+    """The scheduler registered under `name`, for a model trained with `config`; what `config` leaves open
+    (None) takes the default of the diffusers class `name` matches, as that class's from_config would."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name](config)
+    return SCHEDULERS[name](with_defaults(config, name))
 
 
-__all__ = ["DIFFUSERS_EQUIVALENT", "SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler", "scheduler_config_from_dict"]
+__all__ = ["DIFFUSERS_EQUIVALENT", "SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler",
+           "scheduler_config_from_dict", "with_defaults"]

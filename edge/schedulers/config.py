@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -13,35 +14,68 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """How the UNet was trained to be noised. Defaults are Stable Diffusion 1.5's `scheduler_config.json`."""
+    """How the UNet was trained to be noised, as the model's `scheduler_config.json` states it.
 
-    num_train_timesteps: int = 1000  # T: the discrete noise levels t = 0 .. T-1 seen in training
-    beta_start: float = 0.00085  # beta at t = 0
-    beta_end: float = 0.012  # beta at t = T-1
-    beta_schedule: str = "scaled_linear"  # "linear" in beta, or "scaled_linear" (linear in sqrt(beta))
-    prediction_type: str = "epsilon"  # UNet output: the noise ("epsilon") or the velocity ("v_prediction", SD 2.x 768)
-    steps_offset: int = 1  # added to "leading" timesteps, so SD's last step is t = 1
-    # "leading" / "trailing" / "linspace". None (SD 1.5's json has no such key): each class's diffusers default,
-    # "leading" for ddim and pndm, "linspace" for euler, euler_a and dpmpp_2m (lcm has its own schedule).
-    timestep_spacing: str | None = None
-    set_alpha_to_one: bool = False  # DDIM/PNDM/LCM last step: alpha_prev = 1, else alphas_cumprod[0]
-    clip_sample: bool = False  # DDIM/LCM: clip the predicted x0 to +-clip_sample_range
-    clip_sample_range: float = 1.0  # the bound used when clip_sample
-    original_inference_steps: int = 50  # LCM: length of the distillation schedule the steps are drawn from
-    timestep_scaling: float = 10.0  # LCM: t is multiplied by this in the consistency boundary scalings
+    None is "the json does not say": each scheduler then uses the default of the diffusers class of its algorithm
+    (`DEFAULTS`, applied by `with_defaults`), as `DiffusersClass.from_config(json)` would. SD 1.5's json states
+    no timestep_spacing, so Euler starts from t = 999 ("linspace") and DDIM from t = 1 + 980 ("leading").
+    """
+
+    num_train_timesteps: int | None = None  # T: the discrete noise levels t = 0 .. T-1 seen in training
+    beta_start: float | None = None  # beta at t = 0
+    beta_end: float | None = None  # beta at t = T-1
+    beta_schedule: str | None = None  # "linear" in beta, or "scaled_linear" (linear in sqrt(beta))
+    prediction_type: str | None = None  # UNet output: the noise ("epsilon") or the velocity ("v_prediction")
+    steps_offset: int | None = None  # added to "leading" timesteps (SD 1.5 states 1, so its last step is t = 1)
+    timestep_spacing: str | None = None  # "leading" / "trailing" / "linspace" (lcm has its own schedule)
+    set_alpha_to_one: bool | None = None  # DDIM/PNDM last step: alpha_prev = 1, else alphas_cumprod[0]
+    clip_sample: bool | None = None  # DDIM/LCM: clip the predicted x0 to +-clip_sample_range
+    clip_sample_range: float | None = None  # the bound used when clip_sample
+    original_inference_steps: int | None = None  # LCM: length of the distillation schedule the steps are drawn from
+    timestep_scaling: float | None = None  # LCM: t is multiplied by this in the consistency boundary scalings
 
     def __post_init__(self) -> None:
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.beta_schedule is not None:
+            _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.prediction_type is not None:
+            _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.timestep_spacing is not None:
             _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        if self.num_train_timesteps < 1:
+        if self.num_train_timesteps is not None and self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1; got {self.num_train_timesteps}")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")
+
+
+# The __init__ defaults of the diffusers class each scheduler matches (DIFFUSERS_EQUIVALENT in __init__.py;
+# tests/test_schedulers.py reads them back from diffusers' signatures). A key the class does not take is set
+# to what the algorithm here does without it.
+_DIFFUSERS_BASE = SchedulerConfig(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+    steps_offset=0, timestep_spacing="linspace", set_alpha_to_one=False, clip_sample=False, clip_sample_range=1.0,
+    original_inference_steps=50, timestep_scaling=10.0,
+)
+DEFAULTS: dict[str, SchedulerConfig] = {
+    "ddim": replace(_DIFFUSERS_BASE, timestep_spacing="leading", set_alpha_to_one=True, clip_sample=True),
+    "pndm": replace(_DIFFUSERS_BASE, timestep_spacing="leading"),
+    "euler": _DIFFUSERS_BASE,
+    "euler_a": _DIFFUSERS_BASE,
+    "dpmpp_2m": _DIFFUSERS_BASE,
+    "dpmpp_2m_karras": _DIFFUSERS_BASE,
+    "lcm": replace(_DIFFUSERS_BASE, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   timestep_spacing="leading", set_alpha_to_one=True),
+}
+
+
+def with_defaults(config: SchedulerConfig, scheduler: str) -> SchedulerConfig:
+    """`config` with every key it leaves open set to `scheduler`'s diffusers default; what it states is kept."""
+    if scheduler not in DEFAULTS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(DEFAULTS)}")
+    stated = {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
+    return replace(DEFAULTS[scheduler], **stated)
 
 
 # Keys that describe a different *training* noise schedule than the one we model; a model with any other
@@ -53,7 +87,7 @@ _MUST_BE_NEUTRAL = {
 
 
 def scheduler_config_from_dict(d: dict) -> SchedulerConfig:
-    """Map a diffusers scheduler_config.json, key by key.
+    """Map a diffusers scheduler_config.json, key by key; a key it lacks stays None (see SchedulerConfig).
 
     Other keys are the saved preferences of whichever diffusers sampler the model shipped with
     (skip_prk_steps, use_karras_sigmas, solver_order, predict_x0, ...): the sampler here is chosen by
@@ -63,21 +97,35 @@ def scheduler_config_from_dict(d: dict) -> SchedulerConfig:
         if d.get(key, neutral) not in (neutral, [], ()):
             raise ValueError(f"unsupported scheduler config {key}={d[key]!r}: this model was trained with a "
                              f"different noise schedule; supported: {neutral!r}")
-    base = SchedulerConfig()
+
     return SchedulerConfig(
-        num_train_timesteps=int(d.get("num_train_timesteps", base.num_train_timesteps)),
-        beta_start=float(d.get("beta_start", base.beta_start)),
-        beta_end=float(d.get("beta_end", base.beta_end)),
-        beta_schedule=d.get("beta_schedule", base.beta_schedule),
-        prediction_type=d.get("prediction_type", base.prediction_type),
-        steps_offset=int(d.get("steps_offset", base.steps_offset)),
-        timestep_spacing=d.get("timestep_spacing", base.timestep_spacing),
-        set_alpha_to_one=bool(d.get("set_alpha_to_one", base.set_alpha_to_one)),
-        clip_sample=bool(d.get("clip_sample", base.clip_sample)),
-        clip_sample_range=float(d.get("clip_sample_range", base.clip_sample_range)),
-        original_inference_steps=int(d.get("original_inference_steps", base.original_inference_steps)),
-        timestep_scaling=float(d.get("timestep_scaling", base.timestep_scaling)),
+        num_train_timesteps=_stated(d, "num_train_timesteps", int),
+        beta_start=_stated(d, "beta_start", float),
+        beta_end=_stated(d, "beta_end", float),
+        beta_schedule=d.get("beta_schedule"),
+        prediction_type=d.get("prediction_type"),
+        steps_offset=_stated(d, "steps_offset", int),
+        timestep_spacing=d.get("timestep_spacing"),
+        set_alpha_to_one=_stated(d, "set_alpha_to_one", bool),
+        clip_sample=_stated(d, "clip_sample", bool),
+        clip_sample_range=_stated(d, "clip_sample_range", float),
+        original_inference_steps=_stated(d, "original_inference_steps", int),
+        timestep_scaling=_stated(d, "timestep_scaling", float),
     )
+
+
+def _stated(d: dict, key: str, kind: type) -> Any:
+    """d[key] as `kind`; None where the json does not state it (or states null). Accepts what diffusers'
+    classes work with: true/false (or 0/1) for flags, numbers for the rest."""
+    value = d.get(key)
+    if value is None:
+        return None
+    if kind is bool and value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    if kind is not bool and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return kind(value)
+    expected = "true or false" if kind is bool else "a number"
+    raise ValueError(f"scheduler config {key}={value!r}: expected {expected}")
 
 
 def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:

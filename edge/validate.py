@@ -1,0 +1,89 @@
+"""Argument checks shared by the library and the CLI, so both refuse a bad value with the same sentence.
+
+A NaN guidance or a negative seed does not fail where it is passed: it comes out later as a black image
+or a numpy error that names neither. Each check here names the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from argparse import ArgumentTypeError
+from collections.abc import Callable
+from numbers import Integral, Real
+from typing import Any
+
+FLOAT32_MAX = 3.4028234663852886e38  # the runtime computes in float32: beyond this a "finite" float is inf
+GUIDANCE_RULE = "a finite number >= 0 (<= 1 skips the unconditional pass)"
+
+
+def finite_number(name: str, value: object, *, minimum: float | None = None, above: float | None = None,
+                  maximum: float | None = None, rule: str | None = None, typed: str | None = None) -> float:
+    """`value` as a float if it is a real, finite (in float32) number within the bounds; else a ValueError
+    (`typed`: the text the value was parsed from, shown in the message instead of the value)."""
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    v = float(value) if ok else math.nan
+    ok = ok and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+    ok = ok and (minimum is None or v >= minimum) and (above is None or v > above) and (maximum is None or v <= maximum)
+    if not ok:
+        beyond = " (beyond float32, which the runtime computes in)" if math.isfinite(v) and abs(v) > FLOAT32_MAX else ""
+        raise ValueError(f"{name} must be {rule or _number_rule(minimum, above, maximum)}, got "
+                         f"{_shown(value) if typed is None else _typed(typed)}{beyond}")
+    return v
+
+
+def whole_number(name: str, value: object, *, minimum: int = 1, maximum: int | None = None,
+                 typed: str | None = None) -> int:
+    """`value` as an int if it is a whole number (not a bool, not 2.0) within the bounds; else a ValueError."""
+    ok = isinstance(value, Integral) and not isinstance(value, bool)
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        shown = _shown(value) if typed is None else _typed(typed)
+        raise ValueError(f"{name} must be a whole number {bounds}, got {shown}")
+    return int(value)
+
+
+def check_generate(guidance: object, seed: object) -> tuple[float, int]:
+    """Pipeline.generate's guidance and seed, checked: NaN or inf guidance would silently write a black image,
+    and numpy's own message for a negative seed names no argument."""
+    return finite_number("guidance", guidance, rule=GUIDANCE_RULE, minimum=0.0), whole_number("seed", seed, minimum=0)
+
+
+# Command-line forms: argparse `type=` functions, so a bad value is a parse error (exit 2) naming the flag.
+
+def count_arg(flag: str, minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: a whole number within bounds, else a parse error naming the flag, the text and the range."""
+    return _arg(int, whole_number, flag, minimum=minimum, maximum=maximum)
+
+
+def number_arg(flag: str, minimum: float | None = None, above: float | None = None,
+               rule: str | None = None) -> Callable[[str], float]:
+    """argparse type: a finite float within bounds (nan, inf and 1e400 are refused), else a parse error."""
+    return _arg(float, finite_number, flag, minimum=minimum, above=above, rule=rule)
+
+
+def _arg(convert: Callable[[str], Any], check: Callable[..., Any], flag: str, **bounds: Any) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value: object = convert(text)
+        except ValueError:
+            value = text  # not a number at all: `check` refuses it, quoting the text
+        try:
+            return check(flag, value, typed=text, **bounds)
+        except ValueError as e:
+            raise ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _number_rule(minimum: float | None, above: float | None, maximum: float | None) -> str:
+    bounds = [f"{op} {b:g}" for op, b in ((">=", minimum), (">", above), ("<=", maximum)) if b is not None]
+    return " ".join(["a finite number", " and ".join(bounds)]).strip()
+
+
+def _shown(value: object) -> str:
+    """A number as Python prints it (nan, inf, -1, 2.0); anything else quoted, so '7' is not mistaken for 7."""
+    return f"{value}" if isinstance(value, Real) and not isinstance(value, bool) else repr(value)
+
+
+def _typed(text: str) -> str:
+    """Command-line text as typed: bare, unless empty or padded with spaces."""
+    return text if text and text.strip() == text else repr(text)
