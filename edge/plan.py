@@ -158,7 +158,7 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
         Stage("text_encoder", base + max(loading, resident_all + te_act), "loaded with the others, kept"),
         Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], len(unet.resident), guided)),
         Stage("vae_decoder", base + resident_all + vae_act, "whole latent at once"),
-    ))
+    ), notes=int8_notes(manifest))
     if budget is None or resident.peak <= budget * (1 - HEADROOM):
         return resident
     limit = budget * (1 - HEADROOM)

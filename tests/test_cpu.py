@@ -70,7 +70,7 @@ def _emulated(cpu: str, *args: str, timeout: int = 600) -> subprocess.CompletedP
 def int8_bundle(tmp_path_factory) -> Path:
     """The default model with dynamic int8 text encoder and UNet: what `--precision int8` gives a user."""
     out = tmp_path_factory.mktemp("cpu") / "int8"
-    run_edge("convert", "default", "-o", out, "--precision", "int8", "--no-memory-profile", "--no-tiled-vae")
+    run_edge("convert", "default", "-o", out, "--precision", "int8", "--no-tiled-vae")
     return out
 
 
@@ -137,6 +137,8 @@ def test_avx2_only_cpu_gets_the_manifest_accuracy(int8_bundle):
 def test_edge_info_says_which_int8_path_an_avx2_cpu_takes(int8_bundle):
     out = _emulated("EPYC", "-m", "edge.cli", "info", str(int8_bundle)).stdout
     assert "u8u8 on AVX2 without VNNI" in out and "no faster than fp32" in out
+    plan = _emulated("EPYC", "-m", "edge.cli", "plan", str(int8_bundle), "--memory-budget", "2GB").stdout
+    assert "note: text_encoder, unet int8 on this CPU" in plan and "no faster than fp32" in plan
     native = run_edge("info", int8_bundle).stdout
     assert f"int8: {features().int8_path}" in native
 
