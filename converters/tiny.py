@@ -35,10 +35,10 @@ SD15_SCHEDULER = {
 }
 
 
-def _unet() -> UNet2DConditionModel:
+def _unet(in_channels: int = 4) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=8,  # latent side: 64 px images
-        in_channels=4,
+        in_channels=in_channels,  # 9: an inpainting UNet (latents, mask, masked-image latents)
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -76,13 +76,15 @@ def _text_encoder() -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionPipeline:
-    """A random SD 1.x pipeline; the same `seed` always gives the same weights."""
+def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0,
+                  unet_in_channels: int = 4) -> StableDiffusionPipeline:
+    """A random SD 1.x pipeline; the same `seed` always gives the same weights. `unet_in_channels=9` makes
+    it an inpainting model (the SD-1.5-inpainting UNet's input layout)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}; expected one of {PREDICTION_TYPES}")
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
-        unet, vae, text_encoder = _unet(), _vae(), _text_encoder()
+        unet, vae, text_encoder = _unet(unet_in_channels), _vae(), _text_encoder()
     scheduler = PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": prediction_type})
     return StableDiffusionPipeline(
         vae=vae.eval(),
@@ -96,10 +98,10 @@ def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0) -> StableDiff
     )
 
 
-def save_tiny(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+def save_tiny(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0, unet_in_channels: int = 4) -> Path:
     """Write a tiny pipeline as a diffusers folder (configs, tokenizer, weights)."""
     out_dir = Path(out_dir)
-    tiny_pipeline(prediction_type, seed).save_pretrained(out_dir, safe_serialization=True)
+    tiny_pipeline(prediction_type, seed, unet_in_channels).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 

@@ -75,7 +75,13 @@ def _generate(a: argparse.Namespace) -> int:
 
     pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
                          compute_units=a.compute_units)
-    plan = pipe.plan_for(*_size(pipe, a), num_images=a.num_images, guided=a.guidance > 1)
+    image = None
+    if a.image is not None:  # img2img: read and checked before anything runs; it sets the size
+        from edge.images import check_size, load_image
+
+        image = check_size(load_image(a.image), pipe.manifest.size_multiple, a.resize)
+    size = _size(pipe, a) if image is None else (image.height, image.width)
+    plan = pipe.plan_for(*size, num_images=a.num_images, guided=a.guidance > 1)
     if a.memory_budget is not None:
         print(plan.describe(), file=sys.stderr)
     else:  # no plan to show, but what it knows of this CPU's int8 speed still matters
@@ -84,7 +90,7 @@ def _generate(a: argparse.Namespace) -> int:
     result = pipe.generate(
         a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
-        num_images=a.num_images, callback=_progress_bar(),
+        num_images=a.num_images, callback=_progress_bar(), image=image, strength=a.strength,
     )
     out = Path(a.output)
     for k, image in enumerate(result.images):
@@ -261,6 +267,11 @@ def _add_generate(sub) -> None:
     g.add_argument("--scheduler", default="euler")
     g.add_argument("--seed", type=count_arg("--seed", minimum=0), default=0, help="initial noise seed (>= 0)")
     _add_size_arguments(g)
+    g.add_argument("--image", type=Path, help="img2img: start from this picture (its size is the output's)")
+    g.add_argument("--strength", type=number_arg("--strength", above=0.0, maximum=1.0), default=0.75,
+                   help="img2img: how much of the picture is redrawn, 0 < s <= 1 (the last s of the steps run)")
+    g.add_argument("--resize", action="store_true", help="img2img: resize a picture whose size the bundle does "
+                   "not accept to the nearest one it does (else it is refused)")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
                    "cores)")
     g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")

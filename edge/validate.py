@@ -55,10 +55,10 @@ def count_arg(flag: str, minimum: int = 1, maximum: int | None = None) -> Callab
     return _arg(int, whole_number, flag, minimum=minimum, maximum=maximum)
 
 
-def number_arg(flag: str, minimum: float | None = None, above: float | None = None,
+def number_arg(flag: str, minimum: float | None = None, above: float | None = None, maximum: float | None = None,
                rule: str | None = None) -> Callable[[str], float]:
     """argparse type: a finite float within bounds (nan, inf and 1e400 are refused), else a parse error."""
-    return _arg(float, finite_number, flag, minimum=minimum, above=above, rule=rule)
+    return _arg(float, finite_number, flag, minimum=minimum, above=above, maximum=maximum, rule=rule)
 
 
 def _arg(convert: Callable[[str], Any], check: Callable[..., Any], flag: str, **bounds: Any) -> Callable[[str], Any]:

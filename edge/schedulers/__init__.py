@@ -1,13 +1,31 @@
 """Numpy schedulers, one algorithm per file, each checked step by step against the diffusers scheduler it names.
 
-Usage (the caller owns the loop and the noise):
+Usage (the caller owns the loop and the noise). Text-to-image:
 
     scheduler = make_scheduler("dpmpp_2m_karras", config)
     scheduler.set_timesteps(20)
     x = noise * scheduler.init_noise_sigma                       # (B, 4, H/8, W/8) unit Gaussian
-    for i, t in enumerate(scheduler.timesteps):
-        out = unet(scheduler.scale_model_input(x, i), t)
+    for i in range(scheduler.start, len(scheduler.timesteps)):   # start is 0 here
+        out = unet(scheduler.scale_model_input(x, i), scheduler.timesteps[i])
         x = scheduler.step(out, i, x, noise=fresh_noise() if scheduler.needs_noise else None)
+
+Image-to-image: set_timesteps(steps, strength) keeps the whole schedule and sets `start`, the first step index,
+so that the last int(steps * strength) steps run (diffusers' StableDiffusionImg2ImgPipeline.get_timesteps). The
+loop starts from the image's latents x0 noised to that step, and is otherwise the same; init_noise_sigma is NOT
+applied (add_noise already gives the right scale, as in diffusers):
+
+    scheduler.set_timesteps(20, strength=0.6)                    # start = 8: steps 8..19 run
+    x = scheduler.add_noise(x0, noise, scheduler.start)          # x0: (B, 4, H/8, W/8) VAE latents * scaling
+    for i in range(scheduler.start, len(scheduler.timesteps)): ... as above
+
+Inpainting with a 4-channel UNet adds, after each step, diffusers' latent blending: the kept region is x0 noised
+to the *next* step's level; add_noise(x0, noise, len(timesteps)) is x0 itself, so the last step needs no branch:
+
+        x = scheduler.step(out, i, x, noise=...)
+        x = mask * x + (1 - mask) * scheduler.add_noise(x0, noise, i + 1)   # mask (B, 1, H/8, W/8), 1 = repaint
+
+with the same `noise` that started the loop. At strength 1 diffusers' inpaint pipeline starts from
+noise * init_noise_sigma, as text-to-image does, and its img2img pipeline from add_noise(x0, noise, 0).
 """
 
 from __future__ import annotations
@@ -16,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import SchedulerConfig, scheduler_config_from_dict, with_defaults
+from .config import SchedulerConfig, first_step, scheduler_config_from_dict, with_defaults
 from .ddim import DDIMScheduler
 from .dpmpp_2m import DPMPP2MKarrasScheduler, DPMPP2MScheduler
 from .euler import EulerScheduler
@@ -32,8 +50,11 @@ class Scheduler(Protocol):
     needs_noise: bool  # True: step() wants a fresh unit-Gaussian `noise` shaped like the sample
     timesteps: np.ndarray  # after set_timesteps: the timestep passed to the UNet at each call, (calls,)
     init_noise_sigma: float  # after set_timesteps: multiply the initial unit-Gaussian latents by this
+    start: int  # after set_timesteps: the first step index to run; > 0 when strength < 1 (img2img)
 
-    def set_timesteps(self, steps: int) -> None: ...
+    def set_timesteps(self, steps: int, strength: float = 1.0) -> None: ...
+
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray: ...
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray: ...
 
@@ -74,5 +95,5 @@ def make_scheduler(name: str, config: SchedulerConfig) -> Scheduler:
     return SCHEDULERS[name](with_defaults(config, name))
 
 
-__all__ = ["DIFFUSERS_EQUIVALENT", "SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler",
+__all__ = ["DIFFUSERS_EQUIVALENT", "SCHEDULERS", "Scheduler", "SchedulerConfig", "first_step", "make_scheduler",
            "scheduler_config_from_dict", "with_defaults"]

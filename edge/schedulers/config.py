@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -143,9 +144,35 @@ def check_steps(steps: int, config: SchedulerConfig) -> None:
         raise ValueError(f"steps must be between 1 and num_train_timesteps={config.num_train_timesteps}; got {steps}")
 
 
-def check_index(i: int, n: int) -> None:
-    if not 0 <= i < n:
-        raise IndexError(f"step index {i} is outside 0..{n - 1}; call set_timesteps(steps) first")
+def check_index(i: int, n: int, start: int = 0) -> None:
+    """Steps before `start` are not part of an img2img run: a multistep method would read history it never had."""
+    if not start <= i < n:
+        raise IndexError(f"step index {i} is outside {start}..{n - 1}; call set_timesteps(steps) first")
+
+
+def first_step(steps: int, strength: float) -> int:
+    """The step index img2img starts from, so that the last int(steps * strength) steps run: diffusers'
+    StableDiffusionImg2ImgPipeline.get_timesteps. Every scheduler here has diffusers order 1, so this is also the
+    begin_index diffusers sets, and PNDM's duplicated second timestep counts as a step, as there."""
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number from 0 to 1 (1: all steps, from pure noise); got {strength!r}")
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no step to run (int(steps * strength) = 0); "
+                         f"steps * strength must be at least 1")
+    return steps - kept
+
+
+def check_noise_shapes(x0: np.ndarray, noise: np.ndarray) -> None:
+    if np.shape(x0) != np.shape(noise):
+        raise ValueError(f"add_noise: the latents {np.shape(x0)} and the noise {np.shape(noise)} differ in shape")
+
+
+def noised(x0: np.ndarray, noise: np.ndarray, alpha_prod: float) -> np.ndarray:
+    """sqrt(a) x0 + sqrt(1 - a) noise: the forward process q(x_t | x0) (Ho et al. 2020, eq. 4); a = 1 gives x0."""
+    check_noise_shapes(x0, noise)
+    x = alpha_prod**0.5 * np.asarray(x0, np.float64) + (1.0 - alpha_prod) ** 0.5 * np.asarray(noise, np.float64)
+    return x.astype(np.float32)  # (B, C, H, W)
 
 
 def spaced_timesteps(config: SchedulerConfig, steps: int, default_spacing: str) -> np.ndarray:

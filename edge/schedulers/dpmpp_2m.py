@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SchedulerConfig, alphas_cumprod, check_index, check_steps, predict_x0_eps, spaced_timesteps
+from .config import (
+    SchedulerConfig, alphas_cumprod, check_index, check_steps, first_step, noised, predict_x0_eps, spaced_timesteps,
+)
 
 
 class DPMPP2MScheduler:
     """Matches diffusers' DPMSolverMultistepScheduler defaults: algorithm_type="dpmsolver++", solver_order=2,
     solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero", default spacing "linspace".
 
-    Step 0 and the last step (down to sigma = 0) are first order; the rest are second order and reuse the
-    previous step's x0. State: `x0_history[i]` holds step i's predicted x0; step(i) writes it and reads only
-    slot i - 1, and set_timesteps clears it.
+    The run's first step (index `start`: 0, or later for img2img) and the last step (down to sigma = 0) are first
+    order; the rest are second order and reuse the previous step's x0. State: `x0_history[i]` holds step i's
+    predicted x0; step(i) writes it and reads only slot i - 1, and set_timesteps clears it.
     """
 
     needs_noise = False
@@ -26,10 +28,13 @@ class DPMPP2MScheduler:
         self.alphas_cumprod = alphas_cumprod(config)  # (T,)
         self.timesteps = np.zeros(0, dtype=np.int64)
         self.init_noise_sigma = 1.0
+        self.start = 0  # after set_timesteps: the first step index of the run (> 0 for img2img)
+        self.sigmas = np.zeros(0)
         self.x0_history: list[np.ndarray | None] = []
 
-    def set_timesteps(self, steps: int) -> None:
+    def set_timesteps(self, steps: int, strength: float = 1.0) -> None:
         check_steps(steps, self.config)
+        self.start = first_step(steps, strength)
         train_sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # (T,) ascending in t
         if self.karras:
             inv_rho_max, inv_rho_min = train_sigmas[-1] ** (1 / 7), train_sigmas[0] ** (1 / 7)
@@ -58,23 +63,30 @@ class DPMPP2MScheduler:
             return np.round(spaced_timesteps(self.config, steps, "linspace")).astype(np.int64)
         return np.round(spaced_timesteps(self.config, steps + 1, "linspace")[:-1]).astype(np.int64)
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """alpha_i x0 + sigma_i alpha_i noise, alpha_i = 1 / sqrt(sigmas[i]^2 + 1): diffusers' add_noise at step
+        index i, in the VP frame the UNet is run in; i = len(timesteps) gives x0 (sigma 0)."""
+        check_index(i, len(self.sigmas))
+        return noised(x0, noise, 1.0 / (self.sigmas[i] ** 2 + 1.0))  # (B, C, H, W)
+
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self.timesteps))
+        check_index(i, len(self.timesteps), self.start)
         return sample
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        check_index(i, len(self.timesteps))
+        check_index(i, len(self.timesteps), self.start)
         x = sample.astype(np.float64)  # (B, C, H, W)
         alpha_prod = 1.0 / (self.sigmas[i] ** 2 + 1.0)
         x0, _ = predict_x0_eps(model_output.astype(np.float64), x, alpha_prod, self.config.prediction_type)
         self.x0_history[i] = x0
         d = x0  # (B, C, H, W)
-        if 0 < i < len(self.timesteps) - 1:
+        if self.start < i < len(self.timesteps) - 1:
             x0_prev = self.x0_history[i - 1]
             if x0_prev is None:
-                raise ValueError(f"DPM++(2M) step {i} needs step {i - 1}'s output; run the steps in order from 0")
+                raise ValueError(f"DPM++(2M) step {i} needs step {i - 1}'s output; run the steps in order from "
+                                 f"{self.start}")
             d = x0 + 0.5 * (x0 - x0_prev) / self.r[i]  # midpoint: D0 + D1 / 2
             self.x0_history[i - 1] = None  # no longer needed
         return (self.coef_x[i] * x + self.coef_d[i] * d).astype(np.float32)  # (B, C, H, W)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .config import (
-    SchedulerConfig, alphas_cumprod, check_index, check_steps, predict_x0_eps, resolved_spacing, spaced_timesteps,
+    SchedulerConfig, alphas_cumprod, check_index, check_noise_shapes, check_steps, first_step, predict_x0_eps,
+    resolved_spacing, spaced_timesteps,
 )
 
 
@@ -23,9 +24,12 @@ class EulerScheduler:
         self.alphas_cumprod = alphas_cumprod(config)  # (T,)
         self.timesteps = np.zeros(0, dtype=np.float64)
         self.init_noise_sigma = 1.0
+        self.start = 0  # after set_timesteps: the first step index of the run (> 0 for img2img)
+        self.sigmas = np.zeros(0)
 
-    def set_timesteps(self, steps: int) -> None:
+    def set_timesteps(self, steps: int, strength: float = 1.0) -> None:
         check_steps(steps, self.config)
+        self.start = first_step(steps, strength)
         self.timesteps = spaced_timesteps(self.config, steps, "linspace")  # (steps,) float, maybe fractional
         train_sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # (T,)
         sigmas = np.interp(self.timesteps, np.arange(len(train_sigmas)), train_sigmas)  # (steps,)
@@ -35,14 +39,21 @@ class EulerScheduler:
         leading = resolved_spacing(self.config, "linspace") == "leading"
         self.init_noise_sigma = (sigma_max**2 + 1.0) ** 0.5 if leading else sigma_max
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """x0 + sigma_i noise (diffusers' add_noise at step index i); i = len(timesteps) gives x0 (sigma 0)."""
+        check_index(i, len(self.sigmas))
+        check_noise_shapes(x0, noise)
+        x = np.asarray(x0, np.float64) + self.sigmas[i] * np.asarray(noise, np.float64)  # (B, C, H, W)
+        return x.astype(np.float32)
+
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self.timesteps))
+        check_index(i, len(self.timesteps), self.start)
         return (sample / (self.sigmas[i] ** 2 + 1.0) ** 0.5).astype(np.float32)  # (B, C, H, W)
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        check_index(i, len(self.timesteps))
+        check_index(i, len(self.timesteps), self.start)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x = sample.astype(np.float64)  # (B, C, H, W)
         scale = (sigma**2 + 1.0) ** -0.5  # the VP frame: x_t = scale * x, alpha_bar = scale^2

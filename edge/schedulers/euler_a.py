@@ -20,8 +20,8 @@ class EulerAncestralScheduler(EulerScheduler):
 
     needs_noise = True
 
-    def set_timesteps(self, steps: int) -> None:
-        super().set_timesteps(steps)
+    def set_timesteps(self, steps: int, strength: float = 1.0) -> None:
+        super().set_timesteps(steps, strength)
         s, s_next = self.sigmas[:-1], self.sigmas[1:]
         self.sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5  # (steps,) std of the fresh noise
         self.sigma_down = s_next**2 / s  # (steps,) = sqrt(s_next^2 - sigma_up^2), where the Euler step lands
@@ -29,7 +29,7 @@ class EulerAncestralScheduler(EulerScheduler):
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        check_index(i, len(self.timesteps))
+        check_index(i, len(self.timesteps), self.start)
         sigma, sigma_up = self.sigmas[i], self.sigma_up[i]
         x = sample.astype(np.float64)  # (B, C, H, W)
         scale = (sigma**2 + 1.0) ** -0.5  # the VP frame: x_t = scale * x, alpha_bar = scale^2

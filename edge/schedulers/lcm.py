@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SchedulerConfig, alphas_cumprod, check_index, check_steps, predict_x0_eps
+from .config import SchedulerConfig, alphas_cumprod, check_index, check_steps, first_step, noised, predict_x0_eps
 
 _SIGMA_DATA = 0.5  # the consistency-model boundary scalings' data std (Song et al. 2023)
 
@@ -16,6 +16,10 @@ class LCMScheduler:
 
     step(i) needs a unit-Gaussian `noise` shaped like the sample on every step but the last, where it returns
     the denoised x0; diffusers draws one `randn(sample.shape)` on those same steps.
+
+    img2img (`strength`) slices this schedule as StableDiffusionImg2ImgPipeline does; diffusers' own
+    LatentConsistencyModelImg2ImgPipeline instead passes strength to LCMScheduler.set_timesteps, which draws the
+    steps from a shortened distillation schedule (other timesteps).
     """
 
     needs_noise = True
@@ -25,10 +29,13 @@ class LCMScheduler:
         self.alphas_cumprod = alphas_cumprod(config)  # (T,)
         self.timesteps = np.zeros(0, dtype=np.int64)
         self.init_noise_sigma = 1.0
+        self.start = 0  # after set_timesteps: the first step index of the run (> 0 for img2img)
+        self.noise_alpha = np.zeros(0)
 
-    def set_timesteps(self, steps: int) -> None:
+    def set_timesteps(self, steps: int, strength: float = 1.0) -> None:
         cfg = self.config
         check_steps(steps, cfg)
+        self.start = first_step(steps, strength)
         if not 1 <= cfg.original_inference_steps <= cfg.num_train_timesteps:
             raise ValueError(
                 f"original_inference_steps must be between 1 and {cfg.num_train_timesteps}; "
@@ -44,19 +51,25 @@ class LCMScheduler:
         self.timesteps = origin[picks]  # (steps,)
         self.alpha = self.alphas_cumprod[self.timesteps]  # (steps,)
         self.alpha_prev = np.append(self.alpha[1:], np.nan)  # (steps,) the last step does not re-noise
+        self.noise_alpha = np.append(self.alpha, 1.0)  # (steps + 1,) add_noise's level; the last is "clean"
         scaled_t = self.timesteps * cfg.timestep_scaling  # (steps,)
         self.c_skip = _SIGMA_DATA**2 / (scaled_t**2 + _SIGMA_DATA**2)  # (steps,)
         self.c_out = scaled_t / (scaled_t**2 + _SIGMA_DATA**2) ** 0.5  # (steps,)
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """x0 noised to timesteps[i] (diffusers' add_noise); i = len(timesteps) gives x0, the level after the end."""
+        check_index(i, len(self.noise_alpha))
+        return noised(x0, noise, self.noise_alpha[i])  # (B, C, H, W)
+
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self.timesteps))
+        check_index(i, len(self.timesteps), self.start)
         return sample
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
         """The consistency function f(x, t) = c_skip x + c_out x0, then x_prev = sqrt(a_prev) f + sqrt(1 - a_prev) z."""
-        check_index(i, len(self.timesteps))
+        check_index(i, len(self.timesteps), self.start)
         x = sample.astype(np.float64)  # (B, C, H, W)
         x0, _ = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
         if self.config.clip_sample:

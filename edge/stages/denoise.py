@@ -1,0 +1,79 @@
+"""The denoiser: one UNet call (whole graph, or chunk by chunk), classifier-free guidance, and the denoising
+loop as a generator of latents (progress, previews and cancellation are the caller's).
+
+Where ControlNet would add its residuals: `unet_call`'s `env` (the chunks' shared feeds), before the chunk
+that reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edge.graphs import Graphs
+from edge.plan import Plan
+
+UNet = Callable[[np.ndarray, float, np.ndarray], np.ndarray]  # (sample, timestep, context) -> noise prediction
+
+
+def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+    """(B, C, h, w) -> noise prediction. Chunks the plan does not keep resident load for this call only.
+
+    Logged in `graphs.timed_calls` as one "unet" entry: all its chunks, and loading those not resident.
+    """
+    start = time.time()
+    env = {"sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float32),
+           "encoder_hidden_states": context}
+    component = graphs.manifest.components["unet"]
+    per_call = plan is not None and plan.unet_per_call
+    keep = plan.unet_keep if per_call else len(component.graphs)
+    sessions = graphs.open("unet", keep)  # the resident chunks; the others load for this call only
+    chunks = component.chunks or (None,)
+    last_use = {n: k for k, c in enumerate(component.chunks) for n in c.inputs}
+    for k, chunk in enumerate(chunks):
+        session = sessions[k] if k < keep else graphs.load(component, k)
+        names = [o.name for o in session.get_outputs()]
+        feeds = {i.name: env[i.name] for i in session.get_inputs()}
+        env.update(zip(names, session.run(names, feeds)))
+        del session, feeds
+        if chunk is not None:  # drop what no later chunk reads
+            env = {n: v for n, v in env.items() if last_use.get(n, -1) > k or n == "noise_pred"}
+    if graphs.timed_calls is not None:
+        graphs.timed_calls.append(("unet", start, time.time()))
+    return env["noise_pred"]
+
+
+Blend = Callable[[int, np.ndarray], np.ndarray]  # (step index just taken, latents) -> latents
+
+
+def denoise(unet: UNet, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
+            two_calls: bool = False, start: int = 0, extra: np.ndarray | None = None,
+            blend: Blend | None = None) -> Iterator[np.ndarray]:
+    """Yield the latents after each scheduler step from step index `start` (img2img starts part-way).
+
+    `context` is [unconditional x N, conditional x N] when guided (twice x's batch); `two_calls` runs the
+    two halves as batch-1 calls (half the activations, same result) where the memory plan asks for it.
+    Inpainting: `extra` (N, E, h, w) is concatenated to the UNet's input channels (a 9-channel inpainting
+    UNet's mask and masked-image latents); `blend` runs after each step (a 4-channel UNet's latent blending).
+    """
+    guided = context.shape[0] == 2 * x.shape[0]
+    for i in range(start, len(sched.timesteps)):
+        t = sched.timesteps[i]
+        x_in = sched.scale_model_input(x, i).astype(np.float32)  # (N, C, h, w)
+        if extra is not None:
+            x_in = np.concatenate([x_in, extra.astype(np.float32)], axis=1)  # (N, C + E, h, w)
+        if guided and two_calls:
+            uncond_ctx, cond_ctx = np.split(context, 2)
+            out = np.concatenate([unet(x_in, t, uncond_ctx), unet(x_in, t, cond_ctx)])
+        else:
+            out = unet(np.concatenate([x_in, x_in]) if guided else x_in, t, context)  # (B, C, h, w)
+        if guided:
+            uncond, cond = np.split(out, 2)
+            out = uncond + np.float32(guidance) * (cond - uncond)
+        noise = rng.standard_normal(x.shape, dtype=np.float32) if sched.needs_noise else None
+        x = sched.step(out, i, x, noise=noise)
+        if blend is not None:
+            x = blend(i, x)
+        yield x
