@@ -91,8 +91,10 @@ def component_specs(pipe) -> list[Spec]:
         ),
         Spec(
             "unet", UNet(pipe.unet),
-            [f32("sample", lat), f32("timestep", ["batch"]),
-             f32("encoder_hidden_states", ["batch", seq, unet_cfg.cross_attention_dim])],
+            # in_channels: 4, or 9 for an inpainting UNet (latents + mask + masked-image latents)
+            [f32("sample", ["batch", unet_cfg.in_channels, "height", "width"]), f32("timestep", ["batch"]),
+             # "context": 77 per prompt window; longer prompts are encoded in windows and concatenated
+             f32("encoder_hidden_states", ["batch", "context", unet_cfg.cross_attention_dim])],
             [f32("noise_pred", lat)],
             lambda g, h, w: (
                 torch.randn(2, unet_cfg.in_channels, h, w, generator=g),

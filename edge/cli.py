@@ -76,11 +76,14 @@ def _generate(a: argparse.Namespace) -> int:
     pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
                          compute_units=a.compute_units)
     image = None
+    if (a.mask is not None or a.expand is not None) and a.image is None:
+        raise ValueError("--mask and --expand repaint part of a picture: give it with --image")
     if a.image is not None:  # img2img: read and checked before anything runs; it sets the size
         from edge.images import check_size, load_image
 
         image = check_size(load_image(a.image), pipe.manifest.size_multiple, a.resize)
-    size = _size(pipe, a) if image is None else (image.height, image.width)
+    left, top, right, bottom = a.expand or (0, 0, 0, 0)
+    size = _size(pipe, a) if image is None else (image.height + top + bottom, image.width + left + right)
     plan = pipe.plan_for(*size, num_images=a.num_images, guided=a.guidance > 1)
     if a.memory_budget is not None:
         print(plan.describe(), file=sys.stderr)
@@ -91,6 +94,7 @@ def _generate(a: argparse.Namespace) -> int:
         a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
         num_images=a.num_images, callback=_progress_bar(), image=image, strength=a.strength,
+        mask=a.mask, mask_blur=a.mask_blur, expand=a.expand, prompt_syntax=a.prompt_syntax,
     )
     out = Path(a.output)
     for k, image in enumerate(result.images):
@@ -254,6 +258,15 @@ def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=count_arg("--num-images"), default=1, help="images per prompt (>= 1)")
 
 
+def _expand_arg(text: str) -> tuple[int, int, int, int]:
+    """--expand L,T,R,B: four whole numbers of pixels >= 0."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"--expand must be four whole numbers >= 0 as L,T,R,B (pixels added on each "
+                                         f"side), got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
 def _add_generate(sub) -> None:
     from edge.png import DEFAULT_QUALITY, FORMATS
 
@@ -261,6 +274,8 @@ def _add_generate(sub) -> None:
     g.add_argument("bundle", type=Path)
     g.add_argument("prompt")
     g.add_argument("--negative-prompt", default="")
+    g.add_argument("--prompt-syntax", default="auto", choices=("auto", "a1111", "compel", "none"),
+                   help="prompt weighting: a1111 '(word:1.3)', compel 'word++', none; auto tells them apart")
     g.add_argument("--steps", type=count_arg("--steps"), default=20, help="denoising steps (>= 1)")
     g.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=7.5,
                    help=f"classifier-free guidance scale, {GUIDANCE_RULE}")
@@ -272,6 +287,11 @@ def _add_generate(sub) -> None:
                    help="img2img: how much of the picture is redrawn, 0 < s <= 1 (the last s of the steps run)")
     g.add_argument("--resize", action="store_true", help="img2img: resize a picture whose size the bundle does "
                    "not accept to the nearest one it does (else it is refused)")
+    g.add_argument("--mask", type=Path, help="inpainting, with --image: white = repaint, black = keep")
+    g.add_argument("--mask-blur", type=count_arg("--mask-blur", minimum=0), default=0,
+                   help="soften the mask's edge by this many pixels (Gaussian radius) before pasting back")
+    g.add_argument("--expand", type=_expand_arg, metavar="L,T,R,B",
+                   help="outpainting, with --image: grow the canvas by these pixels and paint the new area")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
                    "cores)")
     g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")

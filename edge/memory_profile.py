@@ -50,7 +50,7 @@ def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int],
     reads = [[t["name"] for t in c["inputs"]] for c in chunks]
     runs = []
     for h, w, batch in samples_for(name, latent_hw, multiple):
-        dims = {"batch": batch, "height": h, "width": w}
+        dims = {"batch": batch, "height": h, "width": w, "context": 77}  # one prompt window
         inputs = {t["name"]: {"dtype": t["dtype"], "shape": [dims.get(d, d) if isinstance(d, str) else d
                                                              for d in t["shape"]]}
                   for t in component["inputs"]}

@@ -15,18 +15,20 @@ from PIL import Image
 
 from edge.bundle import Component, Manifest, read_manifest, verify_tokenizer
 from edge.graphs import Graphs
-from edge.images import ImageInput, check_size, load_image, to_tensor
+from edge.images import ImageInput, check_size, load_image, load_mask, paste_back, to_tensor
+from edge.images import expand as expand_canvas
 from edge.memprobe import rss_bytes
 from edge.plan import Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
 from edge.sessions import session_options
 from edge.stages import decode as decode_stage
 from edge.stages.decode import to_pil as _to_pil  # noqa: F401  (older callers import it from here)
-from edge.stages.denoise import denoise, unet_call
+from edge.stages.denoise import Blend, denoise, unet_call
+from edge.stages.inpaint import INPAINT_CHANNELS, blend, prepare, unet_channels
 from edge.stages.start import encode_image, image_latents, noise_latents
 from edge.stages.text import encode_text
 from edge.tokenizer import ClipTokenizer
-from edge.validate import check_generate
+from edge.validate import check_generate, whole_number
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
 
@@ -117,13 +119,18 @@ class Pipeline:
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  scheduler: str = "euler", seed: int = 0, height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None, callback: Callback | None = None, num_images: int = 1,
-                 image: ImageInput | None = None, strength: float = 0.75, resize: bool = False) -> Result:
+                 image: ImageInput | None = None, strength: float = 0.75, resize: bool = False,
+                 mask: ImageInput | None = None, mask_blur: int = 0,
+                 expand: tuple[int, int, int, int] | None = None, prompt_syntax: str = "auto") -> Result:
         """Text to image, or with `image` (PIL image or path) img2img: the image encoded, noised to `strength`
         (0 < strength <= 1: the fraction of the steps that run) and denoised from there. `resize` fits an image
-        whose size the bundle does not accept to the nearest size it does (else it is refused, naming it)."""
+        whose size the bundle does not accept to the nearest size it does (else it is refused, naming it).
+        With `mask` (white = repaint; `mask_blur` px soft edge) inpainting, and with `expand` (left, top, right,
+        bottom pixels) outpainting: only the masked area is redrawn, the rest is pasted back from the input.
+        `prompt_syntax`: "auto", "a1111" (`(word:1.3)`), "compel" (`word++`) or "none" (edge.prompts)."""
         guidance, seed = check_generate(guidance, seed)
-        if image is not None:
-            picture = check_size(load_image(image), self.manifest.size_multiple, resize)
+        picture, soft = self._image_inputs(image, resize, mask, mask_blur, expand)
+        if picture is not None:
             height, width = self._image_size(picture, height, width)
         height, width = self._check_size(height, width)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -135,25 +142,32 @@ class Pipeline:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
-        # start latents: seeded noise at the scheduler's initial level, or the encoded image noised to strength
-        x0 = None
-        if image is not None:
-            t = time.perf_counter()
-            x0 = encode_image(self.graphs, to_tensor(picture), rng)  # (1, C, h, w)
-            self._done_with("vae_encoder")
-            timings["vae_encoder"] = time.perf_counter() - t
+        # start latents: seeded noise at the scheduler's initial level, or the encoded image noised to strength;
+        # inpainting adds the mask-side inputs (edge.stages.inpaint) in diffusers' order of draws
+        t = time.perf_counter()
+        nine = unet_channels(self.graphs) == INPAINT_CHANNELS
+        pixels = None if picture is None else to_tensor(picture)  # (1, 3, H, W)
+        x0 = None if pixels is None or (nine and strength == 1.0) else encode_image(self.graphs, pixels, rng)
         latents = noise_latents(self.manifest, latents, num_images, height, width, rng)  # (N, C, h, w)
+        repaint = None if soft is None else prepare(self.graphs, pixels, soft, rng)
+        self._done_with("vae_encoder")
+        timings["vae_encoder"] = time.perf_counter() - t
         self.plan = self.plan_for(height, width, latents.shape[0], guided=guided)
-        x = latents * np.float32(sched.init_noise_sigma) if x0 is None else image_latents(x0, latents, sched)
+        from_noise = x0 is None or (repaint is not None and strength == 1.0)
+        x = latents * np.float32(sched.init_noise_sigma) if from_noise else image_latents(x0, latents, sched)
+        extra = None if repaint is None or repaint.extra is None else np.repeat(repaint.extra, len(x), axis=0)
+        mixing = None if repaint is None or nine else blend(sched, x0, latents, repaint.latent_mask)
 
         t = time.perf_counter()
-        context = self.encode_text(prompt, negative_prompt, guided=guided, copies=latents.shape[0])
+        context = self.encode_text(prompt, negative_prompt, guided=guided, copies=latents.shape[0],
+                                   syntax=prompt_syntax)
         self._done_with("text_encoder")
         timings["text_encoder"] = time.perf_counter() - t
 
         t = time.perf_counter()
         runs = len(sched.timesteps) - sched.start  # img2img runs the last `strength` of the steps
-        for i, x in enumerate(self.denoise(x, context, sched, guidance, rng, start=sched.start)):
+        for i, x in enumerate(self.denoise(x, context, sched, guidance, rng, start=sched.start, extra=extra,
+                                           blend=mixing)):
             if callback is not None:
                 callback(i, runs, x)
         self._done_with("unet")
@@ -162,26 +176,33 @@ class Pipeline:
 
         t = time.perf_counter()
         images = [self.decode(x[k : k + 1]) for k in range(x.shape[0])]
+        if repaint is not None:  # outside the mask, the input's own pixels
+            images = [paste_back(picture, im, repaint.mask) for im in images]
         self._done_with("vae_decoder")
         timings["vae_decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
 
         params = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
                   "scheduler": scheduler, "guidance": guidance, "height": height, "width": width,
-                  "bundle_id": self.manifest.bundle_id, **({"strength": strength} if image is not None else {})}
+                  "bundle_id": self.manifest.bundle_id, **({"strength": strength} if image is not None else {}),
+                  **({"prompt_syntax": prompt_syntax} if prompt_syntax != "auto" else {}),
+                  **({"mask": True, "mask_blur": mask_blur} if mask is not None else {}),
+                  **({"expand": list(expand)} if expand is not None else {})}
         return Result(images=images, timings=timings, params=params, latents=x)
 
     # ----------------------------------------------------------------------- the stages, on this bundle
 
-    def encode_text(self, prompt: str, negative_prompt: str, guided: bool, copies: int) -> np.ndarray:
-        """(2N, 77, D) as [unconditional x N, conditional x N] when guided, else (N, 77, D)."""
-        return encode_text(self.graphs, self.tokenizer, prompt, negative_prompt, guided, copies)
+    def encode_text(self, prompt: str, negative_prompt: str, guided: bool, copies: int,
+                    syntax: str = "auto") -> np.ndarray:
+        """(2N, L, D) as [unconditional x N, conditional x N] when guided, else (N, L, D) (edge.stages.text)."""
+        return encode_text(self.graphs, self.tokenizer, prompt, negative_prompt, guided, copies, syntax)
 
     def denoise(self, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
-                start: int = 0) -> Iterator[np.ndarray]:
+                start: int = 0, extra: np.ndarray | None = None, blend: Blend | None = None) -> Iterator[np.ndarray]:
         """Yield the latents after each scheduler step (edge.stages.denoise)."""
         two_calls = self.plan is not None and self.plan.guidance_batch == 1
-        return denoise(self.unet, x, context, sched, guidance, rng, two_calls=two_calls, start=start)
+        return denoise(self.unet, x, context, sched, guidance, rng, two_calls=two_calls, start=start, extra=extra,
+                       blend=blend)
 
     def unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
         """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk."""
@@ -219,6 +240,26 @@ class Pipeline:
         """Free a component after its stage unless the plan keeps everything resident."""
         if self.plan is not None and not self.plan.resident:
             self.graphs.free(name)
+
+    def _image_inputs(self, image, resize: bool, mask, mask_blur: int,
+                      expand) -> tuple[Image.Image | None, np.ndarray | None]:
+        """The input picture (checked, resized if asked, grown by `expand`) and its soft mask (1, 1, H, W)."""
+        if image is None:
+            if mask is not None or expand is not None:
+                raise ValueError("mask= and expand= repaint part of an input picture: give image= too")
+            if unet_channels(self.graphs) == INPAINT_CHANNELS:
+                raise ValueError("this bundle's UNet is an inpainting UNet (9 input channels): give image= and mask=")
+            return None, None
+        whole_number("mask_blur", mask_blur, minimum=0)
+        picture = check_size(load_image(image), self.manifest.size_multiple, resize)
+        soft = None if mask is None else load_mask(mask, picture.size, mask_blur)
+        if expand is not None:
+            if not isinstance(expand, (tuple, list)) or len(expand) != 4:
+                raise ValueError(f"expand must be 4 pixel counts (left, top, right, bottom), got {expand!r}")
+            picture, soft = expand_canvas(picture, soft, *expand, self.manifest.size_multiple)
+        if soft is None and unet_channels(self.graphs) == INPAINT_CHANNELS:
+            raise ValueError("this bundle's UNet is an inpainting UNet (9 input channels): give mask= with image=")
+        return picture, soft
 
     @staticmethod
     def _image_size(picture: Image.Image, height: int | None, width: int | None) -> tuple[int, int]:

@@ -91,6 +91,7 @@ def test_matches_diffusers_img2img(bundles, reference, picture, scheduler, stren
         pass
     image = np.asarray(pipe.decode(x), np.float32)
     figure = psnr((expected * 255).round(), image, peak=255.0)
+    print(f"PARITY img2img {scheduler} strength {strength}: {figure:.1f} dB")
     assert figure >= 40.0, f"{scheduler} strength {strength}: {figure:.1f} dB"
 
 

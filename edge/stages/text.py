@@ -1,18 +1,42 @@
-"""Text conditioning: (prompt, negative prompt) -> the UNet's context, (B, 77, D)."""
+"""Text conditioning: (prompt, negative prompt) -> the UNet's context, (B, 77k, D).
+
+Prompts are weighted in either syntax people use (A1111's `(word:1.3)`, compel's `word++`; edge.prompts) and
+encoded in 75-token windows, concatenated along the sequence, where the UNet graph's context length is not
+fixed; a bundle whose UNet takes exactly 77 positions (older ONNX exports, every Core ML graph) gets one
+window, and a warning says how many tokens were dropped.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from edge.graphs import Graphs
+from edge.prompts import encode_pair, encode_weighted
 from edge.tokenizer import ClipTokenizer
+
+# compel's re-encode-without-the-fragment down-weighting: the text encoder graph takes token ids only, so
+# compel's default (masking the fragment out of attention) would need an attention-mask input it lacks.
+DOWNWEIGHT = "remove"
+
+
+def windows_allowed(graphs: Graphs) -> int | None:
+    """None (any number of 77-token windows) when the UNet's context axis is dynamic, else 1."""
+    context = next(t for t in graphs.manifest.components["unet"].inputs if t.name == "encoder_hidden_states")
+    return None if isinstance(context.shape[1], str) else 1
 
 
 def encode_text(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negative_prompt: str, guided: bool,
-                copies: int) -> np.ndarray:
-    """(2N, 77, D) as [unconditional x N, conditional x N] when guided, else (N, 77, D)."""
-    texts = [(negative_prompt, "negative prompt"), (prompt, "prompt")] if guided else [(prompt, "prompt")]
+                copies: int, syntax: str = "auto") -> np.ndarray:
+    """(2N, L, D) as [unconditional x N, conditional x N] when guided, else (N, L, D); L = 77 x windows."""
     session = graphs.open("text_encoder")[0]
-    states = [graphs.run("text_encoder", session, {"input_ids": tokenizer.encode_prompt(s, what)})[0]
-              for s, what in texts]  # each (1, 77, D)
-    return np.concatenate([np.repeat(h, copies, axis=0) for h in states])  # (B, 77, D)
+
+    def encode(ids: np.ndarray) -> np.ndarray:  # (1, 77) int64 -> (1, 77, D)
+        return graphs.run("text_encoder", session, {"input_ids": ids})[0]
+
+    windows = windows_allowed(graphs)
+    if guided:
+        cond, uncond = encode_pair(prompt, negative_prompt, tokenizer, encode, syntax, windows, downweight=DOWNWEIGHT)
+        states = [uncond, cond]  # (1, L, D) each, the same L
+    else:
+        states = [encode_weighted(prompt, tokenizer, encode, syntax, windows, downweight=DOWNWEIGHT)]
+    return np.concatenate([np.repeat(h, copies, axis=0) for h in states]).astype(np.float32)  # (B, L, D)
