@@ -26,6 +26,7 @@ from edge.kernels.processor import use_attention
 from edge.memory_profile import PROFILED, profile_component
 from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_specs
 from edge.converters.calibrate import calibrate
+from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.split import run_chunks, split_graph
@@ -252,6 +253,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             "sha256": sha256_file(tok_dir / "vocab.json"),
         },
         "components": components,
+        "preview": fit_preview(pipe.vae, (sample[0] * vae_scale, sample[1] * vae_scale), vae_scale),
         "source": {
             "name": src.name,
             "kind": src.kind,

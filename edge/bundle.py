@@ -84,6 +84,8 @@ class Manifest:
     # Every file the bundle ships but the manifest (graphs, tokenizer, Core ML packages), relative -> sha256.
     # Older bundles hashed only their graphs and vocab.json: their map holds those, and hashes_every_file is False.
     files: dict[str, str] = field(default_factory=dict)
+    # {"weights": (3, C), "bias": (3,), "psnr_db"}: latents -> RGB for previews (edge.stages.preview); {} if older
+    preview: dict[str, Any] = field(default_factory=dict)
     hashes_every_file: bool = True
 
 
@@ -144,6 +146,7 @@ def parse_manifest(d: dict[str, Any], where: str) -> Manifest:
             tokenizer=dict(d["tokenizer"]),
             components={k: _component(k, v) for k, v in d["components"].items()},
             source=dict(d.get("source", {})),
+            preview=dict(d.get("preview", {})),
             files=_older_files(d) if "files" not in d else _file_map(d["files"], where),
             hashes_every_file="files" in d,
         )

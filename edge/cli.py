@@ -93,7 +93,7 @@ def _generate(a: argparse.Namespace) -> int:
     result = pipe.generate(
         a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
-        num_images=a.num_images, callback=_progress_bar(), image=image, strength=a.strength,
+        num_images=a.num_images, callback=_progress_bar(_previews(pipe, a)), image=image, strength=a.strength,
         mask=a.mask, mask_blur=a.mask_blur, expand=a.expand, prompt_syntax=a.prompt_syntax,
     )
     out = Path(a.output)
@@ -166,12 +166,31 @@ def _check(a: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
-def _progress_bar(width: int = 30):
-    """A one-line bar on a terminal; in a log (not a TTY) just the closing line."""
+def _previews(pipe, a: argparse.Namespace):
+    """--preview-every N --preview-dir DIR: the latents' preview every N steps, as DIR/step-NNN.png."""
+    if a.preview_every is None:
+        return None
+    folder = Path(a.preview_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(i: int, latents) -> None:
+        if (i + 1) % a.preview_every == 0:
+            path = folder / f"step-{i + 1:03d}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
+            pipe.preview(latents[:1]).save(tmp, format="PNG")
+            os.replace(tmp, path)
+
+    return write
+
+
+def _progress_bar(preview=None, width: int = 30):
+    """A one-line bar on a terminal; in a log (not a TTY) just the closing line. `preview(i, latents)` too."""
     start = time.perf_counter()
     live = sys.stderr.isatty()
 
-    def show(i: int, total: int, _latents) -> None:
+    def show(i: int, total: int, latents) -> None:
+        if preview is not None:
+            preview(i, latents)
         done, last = int(width * (i + 1) / total), i + 1 == total
         rate = (time.perf_counter() - start) / (i + 1)
         if live or last:
@@ -292,6 +311,9 @@ def _add_generate(sub) -> None:
                    help="soften the mask's edge by this many pixels (Gaussian radius) before pasting back")
     g.add_argument("--expand", type=_expand_arg, metavar="L,T,R,B",
                    help="outpainting, with --image: grow the canvas by these pixels and paint the new area")
+    g.add_argument("--preview-every", type=count_arg("--preview-every"), metavar="N",
+                   help="write a preview of the latents every N steps (the bundle's linear latent-to-RGB map)")
+    g.add_argument("--preview-dir", default="previews", help="where --preview-every writes step-NNN.png")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
                    "cores)")
     g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")

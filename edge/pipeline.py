@@ -25,6 +25,7 @@ from edge.stages import decode as decode_stage
 from edge.stages.decode import to_pil as _to_pil  # noqa: F401  (older callers import it from here)
 from edge.stages.denoise import Blend, denoise, unet_call
 from edge.stages.inpaint import INPAINT_CHANNELS, blend, prepare, unet_channels
+from edge.stages.preview import preview as preview_stage
 from edge.stages.start import encode_image, image_latents, noise_latents
 from edge.stages.text import encode_text
 from edge.tokenizer import ClipTokenizer
@@ -211,6 +212,10 @@ class Pipeline:
     def decode(self, latents: np.ndarray) -> Image.Image:
         """(1, C, h, w) latents -> an image, whole or in tiles as the plan says."""
         return decode_stage.decode(self.graphs, self.plan, latents)
+
+    def preview(self, latents: np.ndarray) -> Image.Image:
+        """A rough picture of (1, C, h, w) latents with no decoder run: for progress previews (edge.stages.preview)."""
+        return preview_stage(self.manifest, latents)
 
     # ----------------------------------------------------------------------- sessions (edge.graphs)
 
