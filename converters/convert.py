@@ -220,7 +220,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
         for name in (n for n in PROFILED if n in components):
             components[name]["memory"] = profile_component(tmp, {"name": name, **components[name]}, latent_hw,
-                                                           m, options.threads, log)
+                                                           m, options.threads, log, scale=vae_scale)
 
     tok_dir = _write_tokenizer(pipe.tokenizer, tmp / "tokenizer", tmp / ".scratch")
 

@@ -84,7 +84,7 @@ def _generate(a: argparse.Namespace) -> int:
         image = check_size(load_image(a.image), pipe.manifest.size_multiple, a.resize)
     left, top, right, bottom = a.expand or (0, 0, 0, 0)
     size = _size(pipe, a) if image is None else (image.height + top + bottom, image.width + left + right)
-    plan = pipe.plan_for(*size, num_images=a.num_images, guided=a.guidance > 1)
+    plan = pipe.plan_for(*size, num_images=a.num_images, guided=a.guidance > 1, image=image is not None)
     if a.memory_budget is not None:
         print(plan.describe(), file=sys.stderr)
     else:  # no plan to show, but what it knows of this CPU's int8 speed still matters

@@ -154,8 +154,9 @@ class CoreMLPipeline(Pipeline):
         budget = None if memory_budget is None else parse_bytes(memory_budget)
         return cls._start(bundle, manifest, None, [], budget, verify, preload, compute_units=compute_units)
 
-    def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True) -> Plan:
-        plan = super().plan_for(height, width, num_images, guided)
+    def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True,
+                 image: bool = False) -> Plan:
+        plan = super().plan_for(height, width, num_images, guided, image)
         if plan.vae_tile is not None:
             raise BudgetError(f"the budget fits only a tiled VAE decode, which fixed-shape Core ML graphs cannot do; "
                               f"the whole-latent decode needs a larger budget (plan: {plan.describe()})")

@@ -19,7 +19,7 @@ from edge.cpu import features
 from edge.memprobe import fit_activation, probe
 
 # What `edge generate` loads; the head of the cut VAE decoder (tiled decoding) where the bundle has one.
-PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head")
+PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_encoder")  # the encoder: img2img
 MIN_SIDE = 32  # latent pixels
 
 
@@ -41,7 +41,7 @@ def samples_for(name: str, latent_hw: tuple[int, int], multiple: int) -> list[tu
 
 
 def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int], multiple: int,
-                      threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+                      threads: int | None = None, log: Callable[[str], None] = print, scale: int = 8) -> dict:
     """The `memory` entry of a component's manifest record."""
     name = component["name"]
     chunks = component.get("chunks") or [{"file": component["file"],
@@ -50,7 +50,8 @@ def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int],
     reads = [[t["name"] for t in c["inputs"]] for c in chunks]
     runs = []
     for h, w, batch in samples_for(name, latent_hw, multiple):
-        dims = {"batch": batch, "height": h, "width": w, "context": 77}  # one prompt window
+        dims = {"batch": batch, "height": h, "width": w, "context": 77,  # one prompt window
+                "image_height": h * scale, "image_width": w * scale}  # the VAE encoder's input picture
         inputs = {t["name"]: {"dtype": t["dtype"], "shape": [dims.get(d, d) if isinstance(d, str) else d
                                                              for d in t["shape"]]}
                   for t in component["inputs"]}
@@ -89,7 +90,8 @@ def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str
     multiple = m.size_multiple // m.vae_scale_factor
     for name in (n for n in PROFILED if n in data["components"]):
         record = data["components"][name]
-        record["memory"] = profile_component(bundle, {"name": name, **record}, latent, multiple, threads, log)
+        record["memory"] = profile_component(bundle, {"name": name, **record}, latent, multiple, threads, log,
+                                             scale=m.vae_scale_factor)
     write_manifest(bundle, data)
 
 

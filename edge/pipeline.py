@@ -109,13 +109,15 @@ class Pipeline:
                 pipe.graphs.open(name)
         return pipe
 
-    def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True) -> Plan:
-        """How generate() will run at this size within the budget; BudgetError if nothing fits."""
+    def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True,
+                 image: bool = False) -> Plan:
+        """How generate() will run at this size within the budget; BudgetError if nothing fits. `image`:
+        img2img or inpainting (the VAE encoder's stage too)."""
         if self.memory_budget is None:
             return Plan(None, True, 2 if guided else 1, False, None, 0, self._base_rss, (),
                         notes=int8_notes(self.manifest))
         return make_plan(self.manifest, self.memory_budget, height, width, num_images=num_images,
-                         guided=guided, base=self._base_rss)
+                         guided=guided, base=self._base_rss, image=image)
 
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  scheduler: str = "euler", seed: int = 0, height: int | None = None, width: int | None = None,
@@ -145,6 +147,9 @@ class Pipeline:
 
         # start latents: seeded noise at the scheduler's initial level, or the encoded image noised to strength;
         # inpainting adds the mask-side inputs (edge.stages.inpaint) in diffusers' order of draws
+        count = whole_number("num_images", num_images) if latents is None else len(np.atleast_1d(latents))
+        with_image = {"image": True} if picture is not None else {}  # plans the VAE encoder's stage too
+        self.plan = self.plan_for(height, width, count, guided=guided, **with_image)
         t = time.perf_counter()
         nine = unet_channels(self.graphs) == INPAINT_CHANNELS
         pixels = None if picture is None else to_tensor(picture)  # (1, 3, H, W)
@@ -152,8 +157,8 @@ class Pipeline:
         latents = noise_latents(self.manifest, latents, num_images, height, width, rng)  # (N, C, h, w)
         repaint = None if soft is None else prepare(self.graphs, pixels, soft, rng)
         self._done_with("vae_encoder")
-        timings["vae_encoder"] = time.perf_counter() - t
-        self.plan = self.plan_for(height, width, latents.shape[0], guided=guided)
+        if picture is not None:
+            timings["vae_encoder"] = time.perf_counter() - t
         from_noise = x0 is None or (repaint is not None and strength == 1.0)
         x = latents * np.float32(sched.init_noise_sigma) if from_noise else image_latents(x0, latents, sched)
         extra = None if repaint is None or repaint.extra is None else np.repeat(repaint.extra, len(x), axis=0)

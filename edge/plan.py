@@ -119,8 +119,9 @@ class _Graphs:
 
 
 def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *, num_images: int = 1,
-              guided: bool = True, base: int = 0) -> Plan:
-    """The fastest plan whose estimated peak fits `budget` (None: everything resident, unconstrained)."""
+              guided: bool = True, base: int = 0, image: bool = False) -> Plan:
+    """The fastest plan whose estimated peak fits `budget` (None: everything resident, unconstrained).
+    `image`: img2img or inpainting, whose VAE encoder stage runs first (where the bundle measured it)."""
     f = manifest.vae_scale_factor
     h, w = height // f, width // f
     te, unet, vae = (_Graphs.of(manifest.components[n]) for n in ("text_encoder", "unet", "vae_decoder"))
@@ -148,13 +149,19 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
 
     tiles = [None] + [t for t in VAE_TILES if t < max(h, w)]
 
+    encoder = manifest.components.get("vae_encoder")
+    enc = _Graphs.of(encoder) if image and encoder is not None and encoder.memory else None
+    enc_act = 0 if enc is None else enc.run(h * w, 1)[0]  # one input picture
+
     # 1. Everything resident, one batch-2 call per step, whole VAE decode.
-    resident_all = sum(te.resident) + sum(unet.resident) + sum(vae.resident)
+    resident_all = sum(te.resident) + sum(unet.resident) + sum(vae.resident) + (0 if enc is None else enc.resident[0])
     loading = max(te.load_peak[0], _loading_peak(sum(te.resident), unet),
                   sum(te.resident) + sum(unet.resident) + vae.load_peak[0])
     unet_act = max(unet.run(h * w, batches[0] * num_images))
     vae_act = vae_peak(None) - vae.resident[0]
-    resident = Plan(budget, True, batches[0], False, None, 0, base, (
+    encoding = () if enc is None else (Stage("vae_encoder", base + resident_all + enc_act,
+                                             "encodes the input picture, kept with the others"),)
+    resident = Plan(budget, True, batches[0], False, None, 0, base, encoding + (
         Stage("text_encoder", base + max(loading, resident_all + te_act), "loaded with the others, kept"),
         Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], len(unet.resident), guided)),
         Stage("vae_decoder", base + resident_all + vae_act, "whole latent at once"),
@@ -166,6 +173,8 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     # 2-5. Stage by stage: each takes its first option that fits.
     text_stage = Stage("text_encoder", base + max(te.load_peak[0], te.resident[0] + te_act),
                        "loaded, run once per prompt, freed")
+    first = () if enc is None else (Stage("vae_encoder", base + max(enc.load_peak[0], enc.resident[0] + enc_act),
+                                          "loaded alone, encodes the input picture, freed"),)
     n = len(unet.resident)
     chunked = n > 1
     # All chunks resident (batch 2, then two batch-1 calls); then chunks reloaded for every call, the
@@ -177,10 +186,11 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
                    for b, keep in unet_options]
     vae_stages = [(t, Stage("vae_decoder", base + vae_peak(t), _vae_words(t, h, w))) for t in tiles]
     fits = [s for s in unet_stages if s[2].peak <= limit], [s for s in vae_stages if s[1].peak <= limit]
-    if text_stage.peak > limit or not fits[0] or not fits[1]:
-        smallest = max(text_stage.peak, min(s[2].peak for s in unet_stages), min(s[1].peak for s in vae_stages))
-        worst = max(("the text encoder", text_stage.peak), ("the UNet", min(s[2].peak for s in unet_stages)),
+    single = [("the VAE encoder", s.peak) for s in first] + [("the text encoder", text_stage.peak)]
+    if max(p for _, p in single) > limit or not fits[0] or not fits[1]:
+        worst = max(*single, ("the UNet", min(s[2].peak for s in unet_stages)),
                     ("the VAE decoder", min(s[1].peak for s in vae_stages)), key=lambda x: x[1])
+        smallest = worst[1]
         raise BudgetError(
             f"memory budget {format_bytes(budget)} cannot be met for {height}x{width}"
             f"{f' x{num_images}' if num_images > 1 else ''}: the smallest plan needs "
@@ -188,8 +198,9 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
             f"{HEADROOM:.0%} headroom for the estimate; "
             f"{'a split UNet (--split-unet) or ' if not chunked else ''}a lower precision bundle needs less)")
     (batch, keep, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
-    return Plan(budget, False, batch, keep < n, tile, _overlap(tile), base, (text_stage, unet_stage, vae_stage),
-                unet_keep=keep if keep < n else 0, notes=int8_notes(manifest))
+    return Plan(budget, False, batch, keep < n, tile, _overlap(tile), base,
+                first + (text_stage, unet_stage, vae_stage), unet_keep=keep if keep < n else 0,
+                notes=int8_notes(manifest))
 
 
 def int8_notes(manifest: Manifest, cpu: CpuFeatures | None = None) -> tuple[str, ...]:

@@ -133,3 +133,29 @@ def test_cli_img2img_and_its_refusals(bundles, picture, tmp_path):
         assert not (tmp_path / "no.png").exists()
     run_edge("generate", bundle, PROMPT, "--image", odd, "--resize", "--steps", "2", "-o", tmp_path / "r.png")
     assert Image.open(tmp_path / "r.png").size == picture.size
+
+
+def test_the_encoder_is_a_planned_stage(bundles, picture):
+    """img2img plans the VAE encoder's memory (measured at convert time) as its own stage, first; staged, it
+    is loaded alone and freed before the text encoder loads."""
+    from edge.plan import Plan
+
+    bundle = bundles["folder-epsilon"]
+    pipe = Pipeline.load(bundle, memory_budget="64GB")
+    assert pipe.manifest.components["vae_encoder"].memory["graphs"]
+    h, w = pipe.manifest.default_size
+    plan = pipe.plan_for(h, w, image=True)
+    assert plan.stages[0].name == "vae_encoder" and "vae_encoder" in plan.describe()
+    assert plan.peak >= pipe.plan_for(h, w).peak  # the encoder's weights and activations count
+    assert all(s.name != "vae_encoder" for s in pipe.plan_for(h, w).stages)
+
+    class Staged(Pipeline):
+        def plan_for(self, height, width, num_images=1, guided=True, image=False):
+            return Plan(1, resident=False, guidance_batch=2, unet_per_call=False, vae_tile=None, vae_overlap=0,
+                        base=0)
+
+    staged = Staged.load(bundle)
+    seen = []
+    staged.generate(PROMPT, image=picture, strength=0.5, steps=4,
+                    callback=lambda i, n, x: seen.append(set(staged.sessions)))
+    assert seen and all("vae_encoder" not in s and "text_encoder" not in s for s in seen)
