@@ -33,6 +33,9 @@ from dataclasses import dataclass
 
 # x86-64 System V: cpuid(leaf=edi, subleaf=esi, out=rdx) -> out[0:4] = eax, ebx, ecx, edx
 _CPUID_SYSV = bytes.fromhex("53" "4989d0" "89f8" "89f1" "0fa2" "418900" "41895804" "41894808" "4189500c" "5b" "c3")
+# xgetbv(ecx=edi) -> edx:eax as one 64-bit value: which register states the OS saves (XCR0)
+_XGETBV_SYSV = bytes.fromhex("89f9" "0f01d0" "48c1e220" "4809d0" "c3")
+XCR0_AVX, XCR0_AVX512, XCR0_AMX = 0x6, 0xE6, 0x60000  # SSE+AVX; + opmask, ZMM hi; AMX tile config + data
 AT_HWCAP, AT_HWCAP2 = 16, 26
 HWCAP_ASIMDDP, HWCAP2_I8MM, HWCAP2_SME = 1 << 20, 1 << 13, 1 << 23
 
@@ -115,20 +118,23 @@ def features() -> CpuFeatures:
 
 
 def _cpuid_function():
-    """A callable cpuid(leaf, subleaf) -> (eax, ebx, ecx, edx) from machine code on an executable page."""
+    """A callable cpuid(leaf, subleaf) -> (eax, ebx, ecx, edx) from machine code on an executable page, with
+    `.xgetbv()` -> XCR0 beside it."""
     if sys.platform == "win32":
         raise OSError("cpuid through an executable page is not implemented on Windows")
     page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    page.write(_CPUID_SYSV)
+    page.write(_CPUID_SYSV + _XGETBV_SYSV)
     address = ctypes.addressof(ctypes.c_char.from_buffer(page))
     function = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(address)
+    xgetbv = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32)(address + len(_CPUID_SYSV))
 
     def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         out = (ctypes.c_uint32 * 4)()
         function(leaf, subleaf, out)
         return tuple(out)
 
-    cpuid.page = page  # keep the page mapped as long as the function lives
+    cpuid.xgetbv = lambda _page=page: int(xgetbv(0))  # each function keeps the page mapped while it lives
+    cpuid.page = page
     return cpuid
 
 
@@ -137,10 +143,15 @@ def _x86_flags(cpuid) -> tuple[str, ...]:
     _, _, ecx1, _ = cpuid(1)
     _, ebx7, ecx7, edx7 = cpuid(7, 0) if max_leaf >= 7 else (0, 0, 0, 0)
     eax71 = cpuid(7, 1)[0] if max_leaf >= 7 else 0
-    bits = [("avx", ecx1, 28), ("fma", ecx1, 12), ("f16c", ecx1, 29), ("avx2", ebx7, 5), ("avx512f", ebx7, 16),
-            ("avx512bw", ebx7, 30), ("avx512_vnni", ecx7, 11), ("amx_bf16", edx7, 22), ("amx_tile", edx7, 24),
-            ("amx_int8", edx7, 25), ("avx_vnni", eax71, 4), ("avx512_bf16", eax71, 5)]
-    return tuple(name for name, reg, bit in bits if reg >> bit & 1)
+    # A feature counts only where the OS saves its registers (XCR0), as onnxruntime checks before using it:
+    # a VM or kernel may hide AVX-512 or AMX state while CPUID still reports the instructions.
+    xcr0 = cpuid.xgetbv() if ecx1 >> 27 & 1 else 0  # OSXSAVE
+    avx, avx512, amx = ((xcr0 & m) == m for m in (XCR0_AVX, XCR0_AVX512, XCR0_AMX))
+    bits = [("avx", ecx1, 28, avx), ("fma", ecx1, 12, avx), ("f16c", ecx1, 29, avx), ("avx2", ebx7, 5, avx),
+            ("avx512f", ebx7, 16, avx512), ("avx512bw", ebx7, 30, avx512), ("avx512_vnni", ecx7, 11, avx512),
+            ("amx_bf16", edx7, 22, amx), ("amx_tile", edx7, 24, amx), ("amx_int8", edx7, 25, amx),
+            ("avx_vnni", eax71, 4, avx), ("avx512_bf16", eax71, 5, avx512)]
+    return tuple(name for name, reg, bit, usable in bits if reg >> bit & 1 and usable)
 
 
 # ----------------------------------------------------------------------------------------------- ARM

@@ -166,3 +166,27 @@ def test_u8u8_is_the_same_arithmetic_as_vnni(int8_bundle):
     options.add_session_config_entry("session.x64quantprecision", "1")
     u8u8 = ort.InferenceSession(str(int8_bundle / c.file), options, providers=["CPUExecutionProvider"]).run(None, feeds)
     assert psnr(default[0], u8u8[0]) > 90
+
+
+def test_a_feature_counts_only_where_the_os_saves_its_registers():
+    """CPUID can report AVX-512 VNNI on a VM whose OS does not save ZMM state (XCR0); onnxruntime then does not
+    use it, so neither may edge: that CPU saturates, and gets the exact path. The registers are the ones a
+    Sapphire Rapids reports (leaf 1 ECX with OSXSAVE, leaf 7 with AVX2/AVX-512/VNNI/AMX bits)."""
+    from edge.cpu import _x86_flags
+
+    regs = {(0, 0): (0x20, 0, 0, 0), (1, 0): (0, 0, (1 << 27) | (1 << 28) | (1 << 12) | (1 << 29), 0),
+            (7, 0): (0, (1 << 5) | (1 << 16) | (1 << 30), 1 << 11, (1 << 24) | (1 << 25)), (7, 1): (0, 0, 0, 0)}
+
+    def cpu_with(xcr0: int):
+        def cpuid(leaf: int, subleaf: int = 0):
+            return regs[leaf, subleaf]
+
+        cpuid.xgetbv = lambda: xcr0
+        return CpuFeatures("x86_64", "cpuid", _x86_flags(cpuid))
+
+    full, no_zmm = cpu_with(0x600E7), cpu_with(0x7)
+    assert full.has("avx512_vnni") and full.has("amx_int8") and session_config(full) == {}
+    assert no_zmm.flags == ("avx", "fma", "f16c", "avx2") and session_config(no_zmm) == AVX2_ONLY_CONFIG
+
+
+AVX2_ONLY_CONFIG = {"session.x64quantprecision": "1"}
