@@ -29,26 +29,14 @@ PROBE = r"""
 import json, sys
 from pathlib import Path
 import onnxruntime as ort
-from edge.bundle import read_manifest
 from edge.cpu import features
-from edge.metrics import psnr
-from edge.selfcheck import _load
-from edge.sessions import session_options
+from edge.selfcheck import check_bundle
 out = {"cpu": features().describe()}
 for bundle in map(Path, sys.argv[1:]):
-    for c in read_manifest(bundle).components.values():
-        entry = c.quantization.get("check")
-        if not entry:
-            continue
-        feeds, expected = _load(bundle, c, entry)
-        for mode, options in (("edge", session_options()), ("default", ort.SessionOptions())):
-            env = dict(feeds)
-            for graph in c.graphs:
-                s = ort.InferenceSession(str(bundle / graph), options, providers=["CPUExecutionProvider"])
-                names = [o.name for o in s.get_outputs()]
-                env.update(zip(names, s.run(names, {i.name: env[i.name] for i in s.get_inputs()})))
-            out[f"{bundle.name}/{c.name}/{mode}"] = round(min(psnr(r, env[n]) for n, r in expected.items()), 2)
-        out[f"{bundle.name}/{c.name}/manifest"] = c.quantization["psnr_vs_fp32_db"]
+    for mode, options in (("edge", None), ("default", ort.SessionOptions())):
+        for r in check_bundle(bundle, options=options, verify=mode == "edge"):
+            out[f"{bundle.name}/{r['component']}/{mode}"] = r["measured_db"]
+            out[f"{bundle.name}/{r['component']}/manifest"] = r["recorded_db"]
 print(json.dumps(out))
 """
 
@@ -92,7 +80,8 @@ def main() -> None:
     keys = sorted({k.rsplit("/", 1)[0] for k in runs[0][1] if "/" in k})
     print("| CPU | int8 path | " + " | ".join(f"{k} edge / default" for k in keys) + " |")
     print("|---|---|" + "---:|" * len(keys))
-    print("| manifest (converted on this CPU) | | " + " | ".join(f"{runs[0][1][k + '/manifest']:.1f}" for k in keys) + " |")
+    recorded = " | ".join(f"{runs[0][1][k + '/manifest']:.1f}" for k in keys)
+    print(f"| manifest (converted on this CPU) | | {recorded} |")
     for label, r in runs:
         path = r["cpu"].split("int8: ", 1)[1].split(": exact")[0]
         print(f"| {label} | {path} | " + " | ".join(f"{r[k + '/edge']:.1f} / {r[k + '/default']:.1f}" for k in keys)

@@ -20,9 +20,8 @@ from edge.images import expand as expand_canvas
 from edge.memprobe import rss_bytes
 from edge.plan import Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
-from edge.sessions import session_options
+from edge.sessions import open_session, session_options
 from edge.stages import decode as decode_stage
-from edge.stages.decode import to_pil as _to_pil  # noqa: F401  (older callers import it from here)
 from edge.stages.denoise import Blend, denoise, unet_call
 from edge.stages.inpaint import INPAINT_CHANNELS, blend, prepare, unet_channels
 from edge.stages.preview import preview as preview_stage
@@ -244,7 +243,7 @@ class Pipeline:
     def _new_session(self, component: Component, k: int) -> ort.InferenceSession:
         """Graph k of a component as an onnxruntime session (the Core ML backend makes MLModels instead)."""
         options = self._options[component.precision.startswith("int8")]  # int8 graphs: exact kernels (edge.cpu)
-        return ort.InferenceSession(str(self.bundle / component.graphs[k]), options, providers=self.providers)
+        return open_session(self.bundle / component.graphs[k], options, self.providers)
 
     def _done_with(self, name: str) -> None:
         """Free a component after its stage unless the plan keeps everything resident."""

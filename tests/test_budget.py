@@ -219,7 +219,7 @@ def test_larger_than_trained_latents_fix_statistics_layer_by_layer(small):
     The pipeline takes that schedule for latents larger than the trained size."""
     import onnxruntime as ort
 
-    from edge.pipeline import _to_pil
+    from edge.stages.decode import to_pil as _to_pil
     from edge.vae_tiling import decode_tiled_shared
 
     pipe = Pipeline.load(small)
