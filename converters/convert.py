@@ -30,6 +30,8 @@ from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.split import run_chunks, split_graph
+from edge.converters.tiny_vae import NAME as TINY_VAE
+from edge.converters.tiny_vae import check_fits, load_tiny_vae, source_info, tiny_vae_spec, versus_full_decoder
 from edge.metrics import psnr
 from edge.schedulers import scheduler_config_from_dict
 from edge.selfcheck import write_check
@@ -66,6 +68,7 @@ class Options:
     threads: int | None = None  # onnxruntime threads for the memory probes
     targets: tuple[str, ...] = ("onnx",)  # graphs to write: onnx, coreml, or both (converters/coreml)
     coreml: Any = None  # edge.converters.coreml.convert.CoreMLOptions for the coreml target (None: its defaults)
+    tiny_vae: str | None = None  # a local diffusers AutoencoderTiny folder (TAESD): previews, --decoder tiny
 
     def __post_init__(self) -> None:
         if not self.targets or any(t not in TARGETS for t in self.targets):
@@ -158,9 +161,13 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     parity_hw = (2 * m, 3 * m)  # checked at another, non-square size
     g = torch.Generator().manual_seed(0)
     attention = {"kernel": options.attention, "chunk": options.attention_chunk}
+    sample = pipe.unet.config.sample_size
+    default_image = tuple(d * vae_scale for d in ((sample, sample) if isinstance(sample, int) else sample))
 
     components: dict[str, Any] = {}
+    tiny = _tiny_vae(src, options)
     specs = component_specs(pipe) + (tiled_vae_specs(pipe) if options.tiled_vae else [])
+    specs += [] if tiny is None else [tiny_vae_spec(tiny[1])]
     specs = specs if "onnx" in options.targets else []  # a Core ML-only bundle: metadata and tokenizer here
     for spec in specs:
         t = time.perf_counter()
@@ -208,6 +215,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             "attention": attention if model is not None else {},
             **record,
             **({"chunks": chunks} if chunks else {}),
+            **(_tiny_record(tiny, pipe.vae, default_image) if spec.name == TINY_VAE else {}),
         }
         extra = record["quantization"].get("psnr_vs_fp32_db")
         log(f"  {spec.name:<12} {parameters / 1e6:8.2f}M params  PSNR {check['psnr_db']:6.1f} dB  "
@@ -264,6 +272,24 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             "onnx_opset": OPSET,
         },
     }
+
+
+def _tiny_vae(src: Source, options: Options) -> tuple[str, Any] | None:
+    """(folder, AutoencoderTiny) to add as the tiny decoder: --tiny-vae, else one the source ships (the default
+    model's), else none."""
+    folder = options.tiny_vae if options.tiny_vae is not None else src.tiny_vae
+    if folder is None:
+        return None
+    tiny = load_tiny_vae(folder)
+    check_fits(tiny, src.pipe.vae)
+    return str(folder), tiny
+
+
+def _tiny_record(tiny: tuple[str, Any], vae, image: tuple[int, int]) -> dict[str, Any]:
+    """What the manifest says of the tiny decoder besides its parity: where it came from, and how close it comes
+    to the full VAE decoder at the model's default size."""
+    folder, model = tiny
+    return {"source": source_info(folder, model), "fidelity": versus_full_decoder(model, vae, image)}
 
 
 def _attention_model(pipe, name: str):

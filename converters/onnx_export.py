@@ -27,8 +27,10 @@ class TextEncoder(torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]  # (B, 77, D)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask` (B, 77) int64, 1 = attend: compel's default down-weighting masks a fragment's tokens
+        out of attention (edge.prompts); all ones is the plain encoder."""
+        return self.text_encoder(input_ids, attention_mask=attention_mask, return_dict=False)[0]  # (B, 77, D)
 
 
 class UNet(torch.nn.Module):
@@ -59,6 +61,16 @@ class VaeEncoder(torch.nn.Module):
         return dist.mean, dist.std  # (B, C, h, w) each
 
 
+def _some_masked(batch: int, seq: int) -> torch.Tensor:
+    """(batch, seq) int64 attention masks: the first row all ones (the plain encoder), the others with a fifth of
+    the tokens after the first masked out, as compel's down-weighting does. Their own generator: the other
+    components' example inputs stay the draws they were before the mask existed."""
+    g = torch.Generator().manual_seed(seq)
+    mask = (torch.rand(batch, seq, generator=g) > 0.2).to(torch.int64)
+    mask[0], mask[:, 0] = 1, 1
+    return mask
+
+
 @dataclass(frozen=True)
 class Spec:
     """One component: the module to export, its tensors, and example / parity inputs."""
@@ -85,9 +97,10 @@ def component_specs(pipe) -> list[Spec]:
     return [
         Spec(
             "text_encoder", TextEncoder(pipe.text_encoder),
-            [{"name": "input_ids", "dtype": "int64", "shape": ["batch", seq]}],
+            [{"name": "input_ids", "dtype": "int64", "shape": ["batch", seq]},
+             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", seq]}],
             [f32("last_hidden_state", ["batch", seq, dim])],
-            lambda g, h, w: (torch.randint(0, vocab, (2, seq), generator=g),),
+            lambda g, h, w: (torch.randint(0, vocab, (2, seq), generator=g), _some_masked(2, seq)),
         ),
         Spec(
             "unet", UNet(pipe.unet),

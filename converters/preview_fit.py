@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from edge.metrics import psnr
 
 
-def _picture(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def picture(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """(3, H, W) in [-1, 1]: a flat background with 1-3 flat discs or boxes."""
     h, w = size
     image = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 256, 3)))
@@ -42,7 +42,7 @@ def _pairs(vae, pictures: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
 def fit_preview(vae, image_size: tuple[int, int], f: int, pictures: int = 32, seed: int = 0) -> dict[str, Any]:
     """The manifest's `preview` entry: {"weights": (3, C), "bias": (3,), "psnr_db" (held-out), ...}."""
     rng = np.random.default_rng(seed)
-    drawn = np.stack([_picture(image_size, rng) for _ in range(pictures + pictures // 4)])  # (S, 3, H, W)
+    drawn = np.stack([picture(image_size, rng) for _ in range(pictures + pictures // 4)])  # (S, 3, H, W)
     X, Y = _pairs(vae, drawn[:pictures], f)
     A = np.concatenate([X, np.ones((len(X), 1))], axis=1)  # (N, C + 1)
     coef, *_ = np.linalg.lstsq(A.astype(np.float64), Y.astype(np.float64), rcond=None)  # (C + 1, 3)

@@ -33,13 +33,16 @@ class Source:
     pipe: Any  # diffusers.StableDiffusionPipeline, fp32, eval mode
     kind: str  # "diffusers_folder", "single_file", "hub", "builtin"
     name: str  # what the user passed
+    tiny_vae: Path | None = None  # a tiny autoencoder (TAESD) the model ships: the default model's
 
 
 def open_source(source: str, *, config: str | None = None, allow_pickle: bool = False) -> Source:
     """Load `source` as a float32 diffusers pipeline, offline, with one clear error when it can't be."""
     path = Path(source)
     if source in BUILTIN and not path.exists():
-        return Source(_builtin(source), "builtin", source)
+        tiny = ASSETS / "default_model" / "tiny_vae"
+        shipped = tiny if source == "default" and (tiny / "config.json").is_file() else None
+        return Source(_builtin(source), "builtin", source, tiny_vae=shipped)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise SourceError(f"{path} is a folder but not a diffusers model: it has no model_index.json")

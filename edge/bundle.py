@@ -17,7 +17,9 @@ FORMAT_VERSION = 2  # 2: attention, quantization, UNet chunks, memory measuremen
 MANIFEST = "manifest.json"
 # The last two are optional: the VAE decoder cut for tiled decoding (converters/tiled_vae.py). Bundles of
 # the first format-2 converters have a "vae_decoder_tiled" that takes latents and no head.
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head", "vae_decoder_tiled")
+# "tiny_vae_decoder" is the optional tiny autoencoder's decoder (TAESD; converters/tiny_vae.py).
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head", "vae_decoder_tiled",
+              "tiny_vae_decoder")
 
 
 class BundleError(ValueError):
@@ -46,6 +48,7 @@ class Component:
     memory: dict[str, Any] = field(default_factory=dict)  # measured by edge.memprobe; read by edge.plan
     attention: dict[str, Any] = field(default_factory=dict)  # {"kernel", "chunk"} the graph was exported with
     quantization: dict[str, Any] = field(default_factory=dict)  # what was stored lower, PSNR vs fp32
+    fidelity: dict[str, Any] = field(default_factory=dict)  # a stand-in's closeness to what it replaces (tiny VAE)
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -117,6 +120,7 @@ def _component(name: str, d: dict[str, Any]) -> Component:
         memory=dict(d.get("memory", {})),
         attention=dict(d.get("attention", {})),
         quantization=dict(d.get("quantization", {})),
+        fidelity=dict(d.get("fidelity", {})),
     )
 
 

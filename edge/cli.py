@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
-from edge.validate import GUIDANCE_RULE, count_arg, number_arg
+from edge.validate import GUIDANCE_RULE, check_decoder, count_arg, number_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def _convert(a: argparse.Namespace) -> int:
                       quantize_ops=ops, activations=a.activations, min_psnr_db=a.min_psnr, split_unet=a.split_unet,
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
                       tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
-                      coreml=_coreml_options(a))
+                      coreml=_coreml_options(a), tiny_vae=a.tiny_vae)
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
@@ -84,7 +84,9 @@ def _generate(a: argparse.Namespace) -> int:
         image = check_size(load_image(a.image), pipe.manifest.size_multiple, a.resize)
     left, top, right, bottom = a.expand or (0, 0, 0, 0)
     size = _size(pipe, a) if image is None else (image.height + top + bottom, image.width + left + right)
-    plan = pipe.plan_for(*size, num_images=a.num_images, guided=a.guidance > 1, image=image is not None)
+    check_decoder(pipe.manifest, a.decoder)  # before any plan is made with it
+    plan = pipe.plan_for(*size, num_images=a.num_images, guided=a.guidance > 1, image=image is not None,
+                         decoder=a.decoder)
     if a.memory_budget is not None:
         print(plan.describe(), file=sys.stderr)
     else:  # no plan to show, but what it knows of this CPU's int8 speed still matters
@@ -94,7 +96,7 @@ def _generate(a: argparse.Namespace) -> int:
         a.prompt, negative_prompt=a.negative_prompt, steps=a.steps, guidance=a.guidance,
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
         num_images=a.num_images, callback=_progress_bar(_previews(pipe, a)), image=image, strength=a.strength,
-        mask=a.mask, mask_blur=a.mask_blur, expand=a.expand, prompt_syntax=a.prompt_syntax,
+        mask=a.mask, mask_blur=a.mask_blur, expand=a.expand, prompt_syntax=a.prompt_syntax, decoder=a.decoder,
     )
     out = Path(a.output)
     for k, image in enumerate(result.images):
@@ -167,7 +169,8 @@ def _check(a: argparse.Namespace) -> int:
 
 
 def _previews(pipe, a: argparse.Namespace):
-    """--preview-every N --preview-dir DIR: the latents' preview every N steps, as DIR/step-NNN.png."""
+    """--preview-every N --preview-dir DIR: every N steps, a preview of the step's estimate of the clean image,
+    as DIR/step-NNN.png (--preview-decoder: the tiny autoencoder where the bundle has one, or the linear map)."""
     if a.preview_every is None:
         return None
     folder = Path(a.preview_dir)
@@ -177,7 +180,7 @@ def _previews(pipe, a: argparse.Namespace):
         if (i + 1) % a.preview_every == 0:
             path = folder / f"step-{i + 1:03d}.png"
             tmp = path.with_name(f".{path.name}.tmp")
-            pipe.preview(latents[:1]).save(tmp, format="PNG")
+            pipe.preview(decoder=a.preview_decoder).save(tmp, format="PNG")
             os.replace(tmp, path)
 
     return write
@@ -266,6 +269,9 @@ def _parser() -> argparse.ArgumentParser:
     from edge.bench import add_bench_parser  # torch-free; peers run in child processes
 
     add_bench_parser(sub)
+    from edge.serve.cli import add_serve_parser  # imports the serve extra only when `edge serve` runs
+
+    add_serve_parser(sub)
     return p
 
 
@@ -312,8 +318,13 @@ def _add_generate(sub) -> None:
     g.add_argument("--expand", type=_expand_arg, metavar="L,T,R,B",
                    help="outpainting, with --image: grow the canvas by these pixels and paint the new area")
     g.add_argument("--preview-every", type=count_arg("--preview-every"), metavar="N",
-                   help="write a preview of the latents every N steps (the bundle's linear latent-to-RGB map)")
+                   help="write a preview every N steps: the step's estimate of the finished image")
     g.add_argument("--preview-dir", default="previews", help="where --preview-every writes step-NNN.png")
+    g.add_argument("--preview-decoder", default="auto", choices=("auto", "linear", "tiny"),
+                   help="previews by the tiny autoencoder (auto: where the bundle has one and the budget allows) "
+                        "or the linear latent-to-RGB map (no decoder run)")
+    g.add_argument("--decoder", default="full", choices=("full", "tiny"),
+                   help="final decoder: the full VAE decoder, or the bundle's tiny autoencoder (faster, less detail)")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
                    "cores)")
     g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")
@@ -364,6 +375,8 @@ def _add_convert(sub) -> None:
                    "(>= 1)")
     c.add_argument("--no-tiled-vae", action="store_true", help="skip the VAE decoder graph that tiled decoding "
                    "under a tight budget uses (tiles then normalise on their own and colours drift)")
+    c.add_argument("--tiny-vae", metavar="DIR", help="add a tiny autoencoder (a local diffusers AutoencoderTiny "
+                   "folder, e.g. TAESD) for previews and --decoder tiny; the default model ships its own")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "
                    "evaluation set (edge.eval) and record it in the manifest")
     c.add_argument("--target", default="onnx", help="graphs to write: onnx, coreml, or onnx,coreml")

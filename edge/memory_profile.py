@@ -19,7 +19,8 @@ from edge.cpu import features
 from edge.memprobe import fit_activation, probe
 
 # What `edge generate` loads; the head of the cut VAE decoder (tiled decoding) where the bundle has one.
-PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_encoder")  # the encoder: img2img
+# The encoder: img2img; the tiny decoder: previews and --decoder tiny.
+PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_encoder", "tiny_vae_decoder")
 MIN_SIDE = 32  # latent pixels
 
 

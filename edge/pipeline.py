@@ -15,10 +15,10 @@ from PIL import Image
 
 from edge.bundle import Component, Manifest, read_manifest, verify_tokenizer
 from edge.graphs import Graphs
-from edge.images import ImageInput, check_size, load_image, load_mask, paste_back, to_tensor
-from edge.images import expand as expand_canvas
+from edge.images import ImageInput, paste_back, to_tensor
+from edge.inputs import image_inputs, image_size, output_size
 from edge.memprobe import rss_bytes
-from edge.plan import Plan, int8_notes, make_plan, parse_bytes
+from edge.plan import TINY, Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
 from edge.sessions import open_session, session_options
 from edge.stages import decode as decode_stage
@@ -28,7 +28,7 @@ from edge.stages.preview import preview as preview_stage
 from edge.stages.start import encode_image, image_latents, noise_latents
 from edge.stages.text import encode_text
 from edge.tokenizer import ClipTokenizer
-from edge.validate import check_generate, whole_number
+from edge.validate import check_decoder, check_generate, whole_number
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
 
@@ -54,6 +54,7 @@ class Pipeline:
         self.graphs = Graphs(bundle, manifest, self._new_session, verify)  # sessions, opened and freed by plan
         self._base_rss = rss_bytes()  # the process before any graph: what the planner adds to
         self.plan: Plan | None = None  # the plan of the latest generate() (or of load())
+        self.denoised: np.ndarray | None = None  # (N, C, h, w) the latest step's estimate of the clean latents
 
     @classmethod
     def load(cls, bundle: Path | str, *, threads: int | None = None, verify: bool = True,
@@ -109,32 +110,35 @@ class Pipeline:
         return pipe
 
     def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True,
-                 image: bool = False) -> Plan:
+                 image: bool = False, decoder: str = "full") -> Plan:
         """How generate() will run at this size within the budget; BudgetError if nothing fits. `image`:
-        img2img or inpainting (the VAE encoder's stage too)."""
+        img2img or inpainting (the VAE encoder's stage too); `decoder`: "full" or "tiny"."""
         if self.memory_budget is None:
             return Plan(None, True, 2 if guided else 1, False, None, 0, self._base_rss, (),
-                        notes=int8_notes(self.manifest))
+                        notes=int8_notes(self.manifest), decoder=decoder, tiny_previews=True)
         return make_plan(self.manifest, self.memory_budget, height, width, num_images=num_images,
-                         guided=guided, base=self._base_rss, image=image)
+                         guided=guided, base=self._base_rss, image=image, decoder=decoder)
 
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  scheduler: str = "euler", seed: int = 0, height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None, callback: Callback | None = None, num_images: int = 1,
                  image: ImageInput | None = None, strength: float = 0.75, resize: bool = False,
                  mask: ImageInput | None = None, mask_blur: int = 0,
-                 expand: tuple[int, int, int, int] | None = None, prompt_syntax: str = "auto") -> Result:
+                 expand: tuple[int, int, int, int] | None = None, prompt_syntax: str = "auto",
+                 decoder: str = "full") -> Result:
         """Text to image, or with `image` (PIL image or path) img2img: the image encoded, noised to `strength`
         (0 < strength <= 1: the fraction of the steps that run) and denoised from there. `resize` fits an image
         whose size the bundle does not accept to the nearest size it does (else it is refused, naming it).
         With `mask` (white = repaint; `mask_blur` px soft edge) inpainting, and with `expand` (left, top, right,
         bottom pixels) outpainting: only the masked area is redrawn, the rest is pasted back from the input.
-        `prompt_syntax`: "auto", "a1111" (`(word:1.3)`), "compel" (`word++`) or "none" (edge.prompts)."""
+        `prompt_syntax`: "auto", "a1111" (`(word:1.3)`), "compel" (`word++`) or "none" (edge.prompts).
+        `decoder`: "full" (the VAE decoder) or "tiny" (the bundle's tiny autoencoder: faster, less detail)."""
         guidance, seed = check_generate(guidance, seed)
-        picture, soft = self._image_inputs(image, resize, mask, mask_blur, expand)
+        check_decoder(self.manifest, decoder)
+        picture, soft = image_inputs(self.graphs, image, resize, mask, mask_blur, expand)
         if picture is not None:
-            height, width = self._image_size(picture, height, width)
-        height, width = self._check_size(height, width)
+            height, width = image_size(picture, height, width)
+        height, width = output_size(self.manifest, height, width)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
         sched = make_scheduler(scheduler, scheduler_config_from_dict(self.manifest.scheduler))
@@ -148,7 +152,7 @@ class Pipeline:
         # inpainting adds the mask-side inputs (edge.stages.inpaint) in diffusers' order of draws
         count = whole_number("num_images", num_images) if latents is None else len(np.atleast_1d(latents))
         with_image = {"image": True} if picture is not None else {}  # plans the VAE encoder's stage too
-        self.plan = self.plan_for(height, width, count, guided=guided, **with_image)
+        self.plan = self.plan_for(height, width, count, guided=guided, decoder=decoder, **with_image)
         t = time.perf_counter()
         nine = unet_channels(self.graphs) == INPAINT_CHANNELS
         pixels = None if picture is None else to_tensor(picture)  # (1, 3, H, W)
@@ -183,7 +187,7 @@ class Pipeline:
         images = [self.decode(x[k : k + 1]) for k in range(x.shape[0])]
         if repaint is not None:  # outside the mask, the input's own pixels
             images = [paste_back(picture, im, repaint.mask) for im in images]
-        self._done_with("vae_decoder")
+        self._done_with("vae_decoder" if decoder == "full" else TINY)
         timings["vae_decoder"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
 
@@ -192,7 +196,8 @@ class Pipeline:
                   "bundle_id": self.manifest.bundle_id, **({"strength": strength} if image is not None else {}),
                   **({"prompt_syntax": prompt_syntax} if prompt_syntax != "auto" else {}),
                   **({"mask": True, "mask_blur": mask_blur} if mask is not None else {}),
-                  **({"expand": list(expand)} if expand is not None else {})}
+                  **({"expand": list(expand)} if expand is not None else {}),
+                  **({"decoder": decoder} if decoder != "full" else {})}
         return Result(images=images, timings=timings, params=params, latents=x)
 
     # ----------------------------------------------------------------------- the stages, on this bundle
@@ -204,10 +209,12 @@ class Pipeline:
 
     def denoise(self, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
                 start: int = 0, extra: np.ndarray | None = None, blend: Blend | None = None) -> Iterator[np.ndarray]:
-        """Yield the latents after each scheduler step (edge.stages.denoise)."""
+        """Yield the latents after each scheduler step (edge.stages.denoise); the model's estimate of the clean
+        latents at that step is kept as `self.denoised`, for previews."""
         two_calls = self.plan is not None and self.plan.guidance_batch == 1
-        return denoise(self.unet, x, context, sched, guidance, rng, two_calls=two_calls, start=start, extra=extra,
-                       blend=blend)
+        for x, self.denoised in denoise(self.unet, x, context, sched, guidance, rng, two_calls=two_calls,
+                                        start=start, extra=extra, blend=blend):
+            yield x
 
     def unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
         """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk."""
@@ -217,9 +224,16 @@ class Pipeline:
         """(1, C, h, w) latents -> an image, whole or in tiles as the plan says."""
         return decode_stage.decode(self.graphs, self.plan, latents)
 
-    def preview(self, latents: np.ndarray) -> Image.Image:
-        """A rough picture of (1, C, h, w) latents with no decoder run: for progress previews (edge.stages.preview)."""
-        return preview_stage(self.manifest, latents)
+    def preview(self, latents: np.ndarray | None = None, index: int = 0, decoder: str = "auto") -> Image.Image:
+        """A picture of the image as it forms, for progress previews (edge.stages.preview): by default of the
+        latest step's estimate of the clean latents (image `index` of the batch), else of (1, C, h, w) `latents`;
+        by the tiny autoencoder where the bundle has one and the plan leaves room, else by the linear map."""
+        if latents is None:
+            if self.denoised is None:
+                raise ValueError("no denoising step has run yet: call preview() from generate()'s callback, or "
+                                 "pass latents")
+            latents = self.denoised[index : index + 1]
+        return preview_stage(self.graphs, self.plan, latents, decoder)
 
     # ----------------------------------------------------------------------- sessions (edge.graphs)
 
@@ -249,47 +263,3 @@ class Pipeline:
         """Free a component after its stage unless the plan keeps everything resident."""
         if self.plan is not None and not self.plan.resident:
             self.graphs.free(name)
-
-    def _image_inputs(self, image, resize: bool, mask, mask_blur: int,
-                      expand) -> tuple[Image.Image | None, np.ndarray | None]:
-        """The input picture (checked, resized if asked, grown by `expand`) and its soft mask (1, 1, H, W)."""
-        if image is None:
-            if mask is not None or expand is not None:
-                raise ValueError("mask= and expand= repaint part of an input picture: give image= too")
-            if unet_channels(self.graphs) == INPAINT_CHANNELS:
-                raise ValueError("this bundle's UNet is an inpainting UNet (9 input channels): give image= and mask=")
-            return None, None
-        whole_number("mask_blur", mask_blur, minimum=0)
-        picture = check_size(load_image(image), self.manifest.size_multiple, resize)
-        soft = None if mask is None else load_mask(mask, picture.size, mask_blur)
-        if expand is not None:
-            if not isinstance(expand, (tuple, list)) or len(expand) != 4:
-                raise ValueError(f"expand must be 4 pixel counts (left, top, right, bottom), got {expand!r}")
-            picture, soft = expand_canvas(picture, soft, *expand, self.manifest.size_multiple)
-        if soft is None and unet_channels(self.graphs) == INPAINT_CHANNELS:
-            raise ValueError("this bundle's UNet is an inpainting UNet (9 input channels): give mask= with image=")
-        return picture, soft
-
-    @staticmethod
-    def _image_size(picture: Image.Image, height: int | None, width: int | None) -> tuple[int, int]:
-        """img2img draws at the input image's size; a different height/width given with it is refused."""
-        for what, given, actual in (("height", height, picture.height), ("width", width, picture.width)):
-            if given is not None and given != actual:
-                raise ValueError(f"{what}={given!r} differs from the input image's {actual} px; img2img draws at the "
-                                 f"image's size: leave {what} out, or resize the image")
-        return picture.height, picture.width
-
-    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        dh, dw = self.manifest.default_size
-        height, width = (dh if height is None else height), (dw if width is None else width)
-        m = self.manifest.size_multiple
-        halvings = (m // self.manifest.vae_scale_factor).bit_length() - 1
-        for what, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0 or v % m:
-                hint = f"; nearest: {max(m, round(v / m) * m)}" if isinstance(v, (int, np.integer)) else ""
-                raise ValueError(
-                    f"{what} {v!r} must be a positive multiple of {m} for this bundle (the VAE works in "
-                    f"{self.manifest.vae_scale_factor}-pixel steps and the UNet halves the latent {halvings} "
-                    f"time(s)){hint}"
-                )
-        return int(height), int(width)

@@ -32,6 +32,7 @@ VAE_TILES = (64, 48, 32, 24, 16, 12, 8, 6, 4)  # latent pixels per tile side, tr
 # A plan must fit in (1 - HEADROOM) of the budget: estimates were within -10%..+9% of the OS-measured
 # peak on SD 1.5 (benchmarks/RESULTS.md), and the OS figure itself moves by a few percent between runs.
 HEADROOM = 0.10
+TINY = "tiny_vae_decoder"  # the tiny autoencoder's decoder (TAESD): previews, or the final decoder
 
 
 class BudgetError(ValueError):
@@ -74,6 +75,8 @@ class Plan:
     base: int  # process RSS before any graph is loaded
     stages: tuple[Stage, ...] = field(default=())
     unet_keep: int = 0  # with unet_per_call: the first chunks that stay loaded; the rest load for every call
+    decoder: str = "full"  # the final decoder: "full" (the VAE decoder) or "tiny" (tiny_vae_decoder)
+    tiny_previews: bool = False  # the tiny decoder fits beside the UNet: previews may decode with it
     notes: tuple[str, ...] = ()  # what the user should know about speed on this CPU (int8_notes)
 
     @property
@@ -119,12 +122,19 @@ class _Graphs:
 
 
 def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *, num_images: int = 1,
-              guided: bool = True, base: int = 0, image: bool = False) -> Plan:
+              guided: bool = True, base: int = 0, image: bool = False, decoder: str = "full") -> Plan:
     """The fastest plan whose estimated peak fits `budget` (None: everything resident, unconstrained).
-    `image`: img2img or inpainting, whose VAE encoder stage runs first (where the bundle measured it)."""
+    `image`: img2img or inpainting, whose VAE encoder stage runs first (where the bundle measured it).
+    `decoder`: "tiny" decodes with the tiny autoencoder (never tiled: it holds a tile's worth at most)."""
     f = manifest.vae_scale_factor
     h, w = height // f, width // f
-    te, unet, vae = (_Graphs.of(manifest.components[n]) for n in ("text_encoder", "unet", "vae_decoder"))
+    tiny = manifest.components.get(TINY)
+    tiny = _Graphs.of(tiny) if tiny is not None and tiny.memory else None
+    if decoder == "tiny" and tiny is None:
+        raise BudgetError(f"this bundle has no measured {TINY}: re-convert it with --tiny-vae to plan with it")
+    te, unet = (_Graphs.of(manifest.components[n]) for n in ("text_encoder", "unet"))
+    vae = tiny if decoder == "tiny" else _Graphs.of(manifest.components["vae_decoder"])
+    tiny_cost = 0 if tiny is None else tiny.resident[0] + tiny.run(h * w, 1)[0] + 3 * height * width * 4
     te_act = te.run(1, 1)[0]  # one prompt per call, any latent size
     batches = (2, 1) if guided else (1,)
 
@@ -138,6 +148,7 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
 
     head = manifest.components.get("vae_decoder_head")
     head = _Graphs.of(head) if head is not None and head.memory else None  # tiles decode after a whole-latent head
+    head = None if decoder == "tiny" else head
 
     def vae_peak(tile: int | None) -> int:
         th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
@@ -147,7 +158,7 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
             act = max(act, head.run(h * w, 1)[0]) + head.carry[0].get("a", 0.0) * h * w
         return max(vae.load_peak[0], vae.resident[0] + int(act) + image)
 
-    tiles = [None] + [t for t in VAE_TILES if t < max(h, w)]
+    tiles = [None] + ([] if decoder == "tiny" else [t for t in VAE_TILES if t < max(h, w)])
 
     encoder = manifest.components.get("vae_encoder")
     enc = _Graphs.of(encoder) if image and encoder is not None and encoder.memory else None
@@ -155,6 +166,7 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
 
     # 1. Everything resident, one batch-2 call per step, whole VAE decode.
     resident_all = sum(te.resident) + sum(unet.resident) + sum(vae.resident) + (0 if enc is None else enc.resident[0])
+    resident_all += 0 if tiny is None or decoder == "tiny" else tiny.resident[0]  # for previews, at first use
     loading = max(te.load_peak[0], _loading_peak(sum(te.resident), unet),
                   sum(te.resident) + sum(unet.resident) + vae.load_peak[0])
     unet_act = max(unet.run(h * w, batches[0] * num_images))
@@ -164,8 +176,8 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     resident = Plan(budget, True, batches[0], False, None, 0, base, encoding + (
         Stage("text_encoder", base + max(loading, resident_all + te_act), "loaded with the others, kept"),
         Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], len(unet.resident), guided)),
-        Stage("vae_decoder", base + resident_all + vae_act, "whole latent at once"),
-    ), notes=int8_notes(manifest))
+        Stage("vae_decoder", base + resident_all + vae_act, _vae_words(None, h, w, decoder)),
+    ), notes=int8_notes(manifest), decoder=decoder, tiny_previews=tiny is not None)
     if budget is None or resident.peak <= budget * (1 - HEADROOM):
         return resident
     limit = budget * (1 - HEADROOM)
@@ -184,7 +196,7 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     unet_options = [(b, n) for b in batches] + reload
     unet_stages = [(b, keep, Stage("unet", base + unet_peak(b, keep), _unet_words(manifest, b, keep, guided)))
                    for b, keep in unet_options]
-    vae_stages = [(t, Stage("vae_decoder", base + vae_peak(t), _vae_words(t, h, w))) for t in tiles]
+    vae_stages = [(t, Stage("vae_decoder", base + vae_peak(t), _vae_words(t, h, w, decoder))) for t in tiles]
     fits = [s for s in unet_stages if s[2].peak <= limit], [s for s in vae_stages if s[1].peak <= limit]
     single = [("the VAE encoder", s.peak) for s in first] + [("the text encoder", text_stage.peak)]
     if max(p for _, p in single) > limit or not fits[0] or not fits[1]:
@@ -198,9 +210,12 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
             f"{HEADROOM:.0%} headroom for the estimate; "
             f"{'a split UNet (--split-unet) or ' if not chunked else ''}a lower precision bundle needs less)")
     (batch, keep, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
+    previews = tiny is not None and unet_stage.peak + tiny_cost <= limit  # the tiny decoder beside the UNet
+    if previews:
+        unet_stage = Stage("unet", unet_stage.peak + tiny_cost, unet_stage.detail + "; the tiny decoder for previews")
     return Plan(budget, False, batch, keep < n, tile, _overlap(tile), base,
                 first + (text_stage, unet_stage, vae_stage), unet_keep=keep if keep < n else 0,
-                notes=int8_notes(manifest))
+                notes=int8_notes(manifest), decoder=decoder, tiny_previews=previews)
 
 
 def int8_notes(manifest: Manifest, cpu: CpuFeatures | None = None) -> tuple[str, ...]:
@@ -240,7 +255,9 @@ def _unet_words(manifest: Manifest, batch: int, keep: int, guided: bool) -> str:
     return f"{how}, {where}"
 
 
-def _vae_words(tile: int | None, h: int, w: int) -> str:
+def _vae_words(tile: int | None, h: int, w: int, decoder: str = "full") -> str:
+    if decoder == "tiny":
+        return f"the tiny decoder, whole {h}x{w} latent at once"
     if tile is None:
         return f"whole {h}x{w} latent at once"
     return f"{min(tile, h)}x{min(tile, w)} latent tiles, overlap {_overlap(tile)}, blended seams"

@@ -48,6 +48,16 @@ def check_generate(guidance: object, seed: object) -> tuple[float, int]:
     return finite_number("guidance", guidance, rule=GUIDANCE_RULE, minimum=0.0), whole_number("seed", seed, minimum=0)
 
 
+def check_decoder(manifest: Any, decoder: object) -> str:
+    """"full" (the VAE decoder) or "tiny" (the tiny autoencoder), which only bundles converted with one have."""
+    if decoder not in ("full", "tiny"):
+        raise ValueError(f"decoder must be 'full' or 'tiny', got {_shown(decoder)}")
+    if decoder == "tiny" and "tiny_vae_decoder" not in manifest.components:
+        raise ValueError("decoder 'tiny': this bundle has no tiny autoencoder; re-convert it with --tiny-vae DIR "
+                         "(a diffusers AutoencoderTiny folder such as TAESD's), or decode with 'full'")
+    return decoder
+
+
 # Command-line forms: argparse `type=` functions, so a bad value is a parse error (exit 2) naming the flag.
 
 def count_arg(flag: str, minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:

@@ -88,7 +88,7 @@ class _Forced(Pipeline):
     """The pipeline with the planner's most frugal choices forced: on the tiny model the text encoder
     outweighs the UNet, so no budget alone leads there."""
 
-    def plan_for(self, height, width, num_images=1, guided=True):
+    def plan_for(self, height, width, num_images=1, guided=True, image=False, decoder="full"):
         return Plan(1, resident=False, guidance_batch=1, unet_per_call=True, vae_tile=4, vae_overlap=2, base=0)
 
 
@@ -249,7 +249,7 @@ def test_some_chunks_resident_the_rest_reloaded_per_call(small):
     the result is the unconstrained one."""
 
     class KeepFirst(Pipeline):
-        def plan_for(self, height, width, num_images=1, guided=True):
+        def plan_for(self, height, width, num_images=1, guided=True, image=False, decoder="full"):
             return Plan(1, resident=False, guidance_batch=2, unet_per_call=True, vae_tile=None, vae_overlap=0,
                         base=0, unet_keep=1)
 

@@ -45,6 +45,28 @@ def test_draws_what_it_is_asked(default_bundle, prompt, scene):
     assert sum(hits) >= 3, f"{prompt!r}: scorer read the target in {sum(hits)}/4 seeds"
 
 
+def test_its_tiny_autoencoder_draws_the_same_scenes(default_bundle):
+    """The shipped tiny autoencoder is in the default bundle: as the final decoder, the scorer reads the same
+    scenes; as previews, the half-way estimate already shows more of the picture than the linear map."""
+    pipe = Pipeline.load(default_bundle)
+    assert pipe.manifest.components["tiny_vae_decoder"].parity["psnr_db"] >= 40
+    for prompt, scene in CASES:
+        half = []
+
+        def keep(i: int, n: int, x: np.ndarray) -> None:
+            if i + 1 == n // 2:
+                half.extend([pipe.preview(decoder="tiny"), pipe.preview(decoder="linear")])
+
+        result = pipe.generate(prompt, steps=20, guidance=5.0, scheduler="euler", seed=0, decoder="tiny",
+                               callback=keep)
+        image = np.asarray(result.images[0])
+        s = score(image, scene)
+        assert s["background"] and s["color"] and s["shape"], f"{prompt!r} decoded by the tiny autoencoder: {s}"
+        full = np.asarray(pipe.decode(result.latents))
+        assert psnr(full, image, peak=255.0) >= 20
+        assert psnr(full, np.asarray(half[0]), peak=255.0) > psnr(full, np.asarray(half[1]), peak=255.0)
+
+
 @pytest.mark.parametrize("color, shape, position", [
     ("black", "square", "centre"), ("black", "diamond", "left"), ("red", "circle", "right"),
     ("blue", "circle", "top"), ("yellow", "square", "bottom")])

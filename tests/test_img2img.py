@@ -150,7 +150,7 @@ def test_the_encoder_is_a_planned_stage(bundles, picture):
     assert all(s.name != "vae_encoder" for s in pipe.plan_for(h, w).stages)
 
     class Staged(Pipeline):
-        def plan_for(self, height, width, num_images=1, guided=True, image=False):
+        def plan_for(self, height, width, num_images=1, guided=True, image=False, decoder="full"):
             return Plan(1, resident=False, guidance_batch=2, unet_per_call=False, vae_tile=None, vae_overlap=0,
                         base=0)
 

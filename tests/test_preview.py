@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import run_edge
 from edge import Pipeline
-from edge.converters.preview_fit import _picture
+from edge.converters.preview_fit import picture
 from edge.metrics import psnr
 
 
@@ -26,7 +26,7 @@ def test_preview_of_a_pictures_latents_shows_its_colours(models, bundles):
     pipe = Pipeline.load(bundles["folder-epsilon"])
     h, w = pipe.manifest.default_size
     vae = AutoencoderKL.from_pretrained(models["folder-epsilon"] / "vae")
-    pictures = np.stack([_picture((h, w), np.random.default_rng(100 + k)) for k in range(4)])  # (4, 3, H, W)
+    pictures = np.stack([picture((h, w), np.random.default_rng(100 + k)) for k in range(4)])  # (4, 3, H, W)
     with torch.no_grad():
         z = vae.encode(torch.from_numpy(pictures)).latent_dist.mean.numpy() * vae.config.scaling_factor
     got = np.stack([np.asarray(pipe.preview(z[k:k + 1]), np.float32) / 127.5 - 1 for k in range(4)])

@@ -10,7 +10,6 @@ import copy
 import json
 import subprocess
 import sys
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,8 +27,8 @@ MIN_DB = 60.0
 
 @pytest.fixture(scope="module")
 def tiny(models, bundles, tmp_path_factory):
-    """The tiny model as the runtime sees it (bundle tokenizer + ONNX text encoder, and an ONNX text encoder with
-    an attention_mask input exported here, since the bundle's takes input_ids only) and as compel sees it."""
+    """The tiny model as the runtime sees it (bundle tokenizer + ONNX text encoder, whose attention_mask input
+    compel's default down-weighting uses) and as compel sees it."""
     import torch
     from compel import Compel, DownweightMode
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -40,21 +39,9 @@ def tiny(models, bundles, tmp_path_factory):
     hf_tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     te = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
 
-    class Masked(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.te = te
-
-        def forward(self, input_ids, attention_mask):
-            return self.te(input_ids, attention_mask=attention_mask, return_dict=False)[0]  # (1, 77, D)
-
-    masked_path = tmp_path_factory.mktemp("prompts") / "text_encoder_masked.onnx"
-    example = (torch.zeros(1, 77, dtype=torch.int64), torch.ones(1, 77, dtype=torch.int64))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Masked(), example, str(masked_path), input_names=["input_ids", "attention_mask"],
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False)
-    masked = open_session(masked_path)
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    example = (torch.zeros(1, 77, dtype=torch.int64),)
+    scratch = tmp_path_factory.mktemp("prompts")
 
     # A1111 restores each window's mean: with the tiny encoder's untrained final LayerNorm (bias 0) that mean is
     # ~1e-9, rounding noise, and the rule is ill-conditioned. Trained CLIP's is far from 0; so is this copy's,
@@ -69,9 +56,8 @@ def tiny(models, bundles, tmp_path_factory):
         norm.weight.copy_(1 + 0.2 * torch.randn(norm.weight.shape, generator=g))
     spec = Spec("text_encoder", TextEncoder(biased), [{"name": "input_ids", "dtype": "int64", "shape": [1, 77]}],
                 [{"name": "last_hidden_state", "dtype": "float32", "shape": [1, 77, 32]}], None)
-    scratch = tmp_path_factory.mktemp("scratch")
-    export(spec, masked_path.with_name("text_encoder_biased.onnx"), example[:1], scratch)
-    biased_session = open_session(masked_path.with_name("text_encoder_biased.onnx"))
+    export(spec, scratch / "text_encoder_biased.onnx", example, tmp_path_factory.mktemp("scratch"))
+    biased_session = open_session(scratch / "text_encoder_biased.onnx")
 
     def compel(text: str, remove: bool = False):
         mode = DownweightMode.REMOVE if remove else DownweightMode.MASK
@@ -82,8 +68,8 @@ def tiny(models, bundles, tmp_path_factory):
     return SimpleNamespace(
         tok=tok, hf_tok=hf_tok, te=te, compel=compel, biased_te=biased,
         biased_encode=lambda ids: biased_session.run(None, {"input_ids": ids})[0],
-        encode=lambda ids: session.run(None, {"input_ids": ids})[0],
-        encode_masked=lambda ids, mask: masked.run(None, {"input_ids": ids, "attention_mask": mask})[0],
+        encode=lambda ids: session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0],
+        encode_masked=lambda ids, mask: session.run(None, {"input_ids": ids, "attention_mask": mask})[0],
     )
 
 
@@ -164,6 +150,18 @@ def test_compel_weights_change_the_conditioning(tiny):
     for weighted in (up, down, down_removed):
         assert psnr(plain, weighted) < MIN_DB - 5
     assert psnr(down, down_removed) < MIN_DB - 5
+
+
+def test_pipeline_downweights_as_compel_does_by_default(tiny, bundles):
+    """The bundle's text encoder takes an attention mask, so `generate` down-weights as compel's default does
+    (the fragment masked out of attention), not by removing it."""
+    from edge import Pipeline
+
+    pipe = Pipeline.load(bundles["folder-epsilon"], preload=False)
+    prompt = "a red circle on a blue-- background"
+    mine = pipe.encode_text(prompt, "", guided=False, copies=1, syntax="compel")  # (1, 77, D)
+    assert psnr(tiny.compel(prompt)[1].numpy(), mine) >= MIN_DB
+    assert psnr(tiny.compel(prompt, remove=True)[1].numpy(), mine) < MIN_DB - 5
 
 
 def test_masked_downweight_needs_a_masked_encoder(tiny):

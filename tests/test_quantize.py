@@ -36,7 +36,8 @@ MIN_PSNR = {  # (graph, variant): floor in dB, measured figure in the module doc
 def feeds(graph: str, h: int = 4, w: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     if graph == "text_encoder":
-        return {"input_ids": rng.integers(0, 49408, (2, 77)).astype(np.int64)}
+        ids = rng.integers(0, 49408, (2, 77)).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     if graph == "unet":
         return {"sample": rng.standard_normal((2, 4, h, w), dtype=np.float32),
                 "timestep": np.array([999.0, 37.0], np.float32),

@@ -305,3 +305,38 @@ def test_the_peer_runner_keeps_the_same_scheduler_map():
     from edge.schedulers import DIFFUSERS_EQUIVALENT
 
     assert SCHEDULERS == DIFFUSERS_EQUIVALENT
+
+
+@pytest.mark.parametrize("name", [n for n in REFERENCE if n != "lcm"])
+def test_denoised_recovers_the_clean_latents(name: str) -> None:
+    """Given the exact noise of a sample noised by add_noise, denoised() returns the clean latents it came from, at
+    every step: the estimate previews show is the scheduler's own frame, for every algorithm (LCM's consistency
+    function mixes the sample back in by design; it is checked against diffusers below)."""
+    ours = make_scheduler(name, scheduler_config_from_dict(SD15))
+    ours.set_timesteps(10)
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
+    for i in range(len(ours.timesteps)):
+        sample = ours.add_noise(x0.astype(np.float32), eps.astype(np.float32), i)
+        assert rel_err(ours.denoised(eps.astype(np.float32), i, sample), x0) < 1e-4, i
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "lcm"])
+def test_denoised_matches_diffusers_pred_original_sample(name: str, prediction_type: str) -> None:
+    """Lockstep against the x0 diffusers reports from each step (`pred_original_sample`; LCM's `denoised`)."""
+    config = {**SD15, "prediction_type": prediction_type}
+    cls_name, extra = REFERENCE[name]
+    ref = getattr(diffusers, cls_name).from_config(config, **extra)
+    ref.set_timesteps(8)
+    ours = make_scheduler(name, scheduler_config_from_dict(config))
+    ours.alphas_cumprod = ref.alphas_cumprod.numpy().astype(np.float64)
+    ours.set_timesteps(8)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * ref.init_noise_sigma
+    gen = torch.Generator().manual_seed(5)
+    for i, t in enumerate(ref.timesteps):
+        out = torch.from_numpy(dummy_unet(ref.scale_model_input(x, t).numpy(), float(t)))
+        step = ref.step(out, t, x, **({"generator": gen} if ours.needs_noise else {}))
+        expected = step.denoised if name == "lcm" else step.pred_original_sample
+        assert rel_err(ours.denoised(out.numpy(), i, x.numpy()), expected.numpy()) < 1e-5, i
+        x = step.prev_sample

@@ -46,14 +46,21 @@ class DDIMScheduler:
         check_index(i, len(self.timesteps), self.start)
         return sample
 
+    def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """The model's estimate of the clean latents at step i (float64): what previews show, what step() follows."""
+        check_index(i, len(self.timesteps), self.start)
+        x = sample.astype(np.float64)  # (B, C, H, W)
+        x0, _ = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
+        if self.config.clip_sample:
+            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0
+
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
         """x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps."""
-        check_index(i, len(self.timesteps), self.start)
         x = sample.astype(np.float64)  # (B, C, H, W)
-        x0, eps = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
-        if self.config.clip_sample:
-            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        x0 = self.denoised(model_output, i, sample)  # (B, C, H, W)
+        _, eps = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
         a_prev = self.alpha_prev[i]
         return (a_prev**0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps).astype(np.float32)  # (B, C, H, W)

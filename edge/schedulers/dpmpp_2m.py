@@ -73,13 +73,18 @@ class DPMPP2MScheduler:
         check_index(i, len(self.timesteps), self.start)
         return sample
 
+    def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """The model's estimate of the clean latents at step i (float64): what previews show, what step() follows."""
+        check_index(i, len(self.timesteps), self.start)
+        alpha_prod = 1.0 / (self.sigmas[i] ** 2 + 1.0)
+        x = sample.astype(np.float64)  # (B, C, H, W)
+        return predict_x0_eps(model_output.astype(np.float64), x, alpha_prod, self.config.prediction_type)[0]
+
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        check_index(i, len(self.timesteps), self.start)
+        x0 = self.denoised(model_output, i, sample)  # (B, C, H, W)
         x = sample.astype(np.float64)  # (B, C, H, W)
-        alpha_prod = 1.0 / (self.sigmas[i] ** 2 + 1.0)
-        x0, _ = predict_x0_eps(model_output.astype(np.float64), x, alpha_prod, self.config.prediction_type)
         self.x0_history[i] = x0
         d = x0  # (B, C, H, W)
         if self.start < i < len(self.timesteps) - 1:

@@ -50,13 +50,18 @@ class EulerScheduler:
         check_index(i, len(self.timesteps), self.start)
         return (sample / (self.sigmas[i] ** 2 + 1.0) ** 0.5).astype(np.float32)  # (B, C, H, W)
 
+    def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """The model's estimate of the clean latents at step i (float64): what previews show, what step() follows."""
+        check_index(i, len(self.timesteps), self.start)
+        scale = (self.sigmas[i] ** 2 + 1.0) ** -0.5  # the VP frame: x_t = scale * x, alpha_bar = scale^2
+        x = sample.astype(np.float64) * scale  # (B, C, H, W)
+        return predict_x0_eps(model_output.astype(np.float64), x, scale**2, self.config.prediction_type)[0]
+
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        check_index(i, len(self.timesteps), self.start)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x0 = self.denoised(model_output, i, sample)  # (B, C, H, W)
         x = sample.astype(np.float64)  # (B, C, H, W)
-        scale = (sigma**2 + 1.0) ** -0.5  # the VP frame: x_t = scale * x, alpha_bar = scale^2
-        x0, _ = predict_x0_eps(model_output.astype(np.float64), x * scale, scale**2, self.config.prediction_type)
         derivative = (x - x0) / sigma  # (B, C, H, W)
         return (x + derivative * (sigma_next - sigma)).astype(np.float32)  # (B, C, H, W)

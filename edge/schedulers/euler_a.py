@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import check_index, predict_x0_eps
 from .euler import EulerScheduler
 
 
@@ -29,11 +28,9 @@ class EulerAncestralScheduler(EulerScheduler):
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
-        check_index(i, len(self.timesteps), self.start)
         sigma, sigma_up = self.sigmas[i], self.sigma_up[i]
+        x0 = self.denoised(model_output, i, sample)  # (B, C, H, W)
         x = sample.astype(np.float64)  # (B, C, H, W)
-        scale = (sigma**2 + 1.0) ** -0.5  # the VP frame: x_t = scale * x, alpha_bar = scale^2
-        x0, _ = predict_x0_eps(model_output.astype(np.float64), x * scale, scale**2, self.config.prediction_type)
         x = x + (x - x0) / sigma * (self.sigma_down[i] - sigma)  # (B, C, H, W)
         if sigma_up > 0:
             if noise is None:

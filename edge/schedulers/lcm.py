@@ -65,16 +65,20 @@ class LCMScheduler:
         check_index(i, len(self.timesteps), self.start)
         return sample
 
-    def step(
-        self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The consistency function f(x, t) = c_skip x + c_out x0, then x_prev = sqrt(a_prev) f + sqrt(1 - a_prev) z."""
+    def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """The consistency function f(x, t) = c_skip x + c_out x0 (float64): the clean latents, at every step."""
         check_index(i, len(self.timesteps), self.start)
         x = sample.astype(np.float64)  # (B, C, H, W)
         x0, _ = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
         if self.config.clip_sample:
             x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
-        denoised = self.c_out[i] * x0 + self.c_skip[i] * x  # (B, C, H, W)
+        return self.c_out[i] * x0 + self.c_skip[i] * x  # (B, C, H, W)
+
+    def step(
+        self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The consistency function f(x, t) = c_skip x + c_out x0, then x_prev = sqrt(a_prev) f + sqrt(1 - a_prev) z."""
+        denoised = self.denoised(model_output, i, sample)  # (B, C, H, W)
         if i == len(self.timesteps) - 1:
             return denoised.astype(np.float32)
         if noise is None:

@@ -70,6 +70,13 @@ class PNDMScheduler:
         check_index(i, len(self.timesteps), self.start)
         return sample
 
+    def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """The model's estimate of the clean latents from this call's output alone (float64), for previews:
+        step() itself moves along a combination of several calls' outputs and never forms it."""
+        check_index(i, len(self.timesteps), self.start)
+        x = sample.astype(np.float64)  # (B, C, H, W) at timesteps[i]'s level (the second call's too)
+        return predict_x0_eps(model_output.astype(np.float64), x, self.noise_alpha[i], self.config.prediction_type)[0]
+
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:

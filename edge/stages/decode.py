@@ -1,5 +1,5 @@
 """Latents -> image: the whole latent at once, or, when the memory plan tiles, in overlapping tiles that share
-the whole image's GroupNorm statistics (edge.vae_tiling)."""
+the whole image's GroupNorm statistics (edge.vae_tiling); or by the tiny autoencoder (TAESD), fast and rougher."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from edge.graphs import Graphs
-from edge.plan import Plan
+from edge.plan import TINY, Plan
 from edge.vae_tiling import decode_tiled, decode_tiled_shared
 
 
@@ -20,6 +20,8 @@ def to_pil(image: np.ndarray) -> Image.Image:
 def decode(graphs: Graphs, plan: Plan | None, latents: np.ndarray) -> Image.Image:
     """One image from (1, C, h, w) latents (as the UNet works in: scaled by the VAE's scaling factor)."""
     manifest = graphs.manifest
+    if plan is not None and plan.decoder == "tiny":
+        return decode_tiny(graphs, latents)
     z = (latents / np.float32(manifest.vae_scaling_factor)).astype(np.float32)  # (1, C, h, w)
     tile = None if plan is None else plan.vae_tile
     if tile is not None and "vae_decoder_tiled" in manifest.components:
@@ -32,6 +34,12 @@ def decode(graphs: Graphs, plan: Plan | None, latents: np.ndarray) -> Image.Imag
     if tile is None:
         return to_pil(run(z)[0])  # (3, H, W) in ~[-1, 1]
     return to_pil(decode_tiled(run, z, tile, plan.vae_overlap, manifest.vae_scale_factor)[0])  # older bundles
+
+
+def decode_tiny(graphs: Graphs, latents: np.ndarray) -> Image.Image:
+    """The tiny autoencoder's decoder (converters/tiny_vae.py): it reads the UNet's latents unchanged."""
+    session = graphs.open(TINY)[0]
+    return to_pil(graphs.run(TINY, session, {"latent_sample": latents.astype(np.float32)})[0][0])  # (3, H, W)
 
 
 def _decode_shared(graphs: Graphs, plan: Plan, z: np.ndarray, tile: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -50,8 +50,10 @@ Blend = Callable[[int, np.ndarray], np.ndarray]  # (step index just taken, laten
 
 def denoise(unet: UNet, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
             two_calls: bool = False, start: int = 0, extra: np.ndarray | None = None,
-            blend: Blend | None = None) -> Iterator[np.ndarray]:
-    """Yield the latents after each scheduler step from step index `start` (img2img starts part-way).
+            blend: Blend | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (latents after each scheduler step, the model's estimate of the clean latents at that step) from step
+    index `start` (img2img starts part-way). The estimate is what a preview should show: the noisy latents are
+    mostly noise until the last steps.
 
     `context` is [unconditional x N, conditional x N] when guided (twice x's batch); `two_calls` runs the
     two halves as batch-1 calls (half the activations, same result) where the memory plan asks for it.
@@ -73,7 +75,8 @@ def denoise(unet: UNet, x: np.ndarray, context: np.ndarray, sched, guidance: flo
             uncond, cond = np.split(out, 2)
             out = uncond + np.float32(guidance) * (cond - uncond)
         noise = rng.standard_normal(x.shape, dtype=np.float32) if sched.needs_noise else None
+        x0 = sched.denoised(out, i, x).astype(np.float32)  # (N, C, h, w)
         x = sched.step(out, i, x, noise=noise)
         if blend is not None:
             x = blend(i, x)
-        yield x
+        yield x, x0

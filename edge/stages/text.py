@@ -14,9 +14,12 @@ from edge.graphs import Graphs
 from edge.prompts import encode_pair, encode_weighted
 from edge.tokenizer import ClipTokenizer
 
-# compel's re-encode-without-the-fragment down-weighting: the text encoder graph takes token ids only, so
-# compel's default (masking the fragment out of attention) would need an attention-mask input it lacks.
-DOWNWEIGHT = "remove"
+
+
+def can_mask(graphs: Graphs) -> bool:
+    """Whether the text encoder graph takes an attention mask (bundles converted from now on): compel's default
+    down-weighting masks a fragment's tokens out of attention; older graphs re-encode without them instead."""
+    return any(t.name == "attention_mask" for t in graphs.manifest.components["text_encoder"].inputs)
 
 
 def windows_allowed(graphs: Graphs) -> int | None:
@@ -29,14 +32,21 @@ def encode_text(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negative_
                 copies: int, syntax: str = "auto") -> np.ndarray:
     """(2N, L, D) as [unconditional x N, conditional x N] when guided, else (N, L, D); L = 77 x windows."""
     session = graphs.open("text_encoder")[0]
+    masking = can_mask(graphs)
+
+    def encode_masked(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # (1, 77) int64 each -> (1, 77, D)
+        return graphs.run("text_encoder", session, {"input_ids": ids, "attention_mask": mask})[0]
 
     def encode(ids: np.ndarray) -> np.ndarray:  # (1, 77) int64 -> (1, 77, D)
+        if masking:
+            return encode_masked(ids, np.ones_like(ids))
         return graphs.run("text_encoder", session, {"input_ids": ids})[0]
 
     windows = windows_allowed(graphs)
+    how = {"encode_masked": encode_masked, "downweight": "mask"} if masking else {"downweight": "remove"}
     if guided:
-        cond, uncond = encode_pair(prompt, negative_prompt, tokenizer, encode, syntax, windows, downweight=DOWNWEIGHT)
+        cond, uncond = encode_pair(prompt, negative_prompt, tokenizer, encode, syntax, windows, **how)
         states = [uncond, cond]  # (1, L, D) each, the same L
     else:
-        states = [encode_weighted(prompt, tokenizer, encode, syntax, windows, downweight=DOWNWEIGHT)]
+        states = [encode_weighted(prompt, tokenizer, encode, syntax, windows, **how)]
     return np.concatenate([np.repeat(h, copies, axis=0) for h in states]).astype(np.float32)  # (B, L, D)
