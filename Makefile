@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 BUILD := build
 PROMPT ?= a red circle on a blue background
 
-.PHONY: demo test venv clean coreml-check
+.PHONY: demo test venv clean coreml-check browser
 
 venv: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[convert,test]'
+	$(BIN)/python -m pip install -q -e '.[convert,test,serve]'
 	touch $@
 
 demo: $(STAMP)
@@ -26,7 +26,17 @@ demo: $(STAMP)
 	$(BIN)/edge generate $(BUILD)/default-bundle "$(PROMPT)" --steps 20 --seed 0 -o $(BUILD)/demo.png
 	$(BIN)/python -m edge.eval.read $(BUILD)/demo.png
 
-test: $(STAMP)
+# The page test (tests/test_serve_page.py) drives Debian's chromium: no browser download. Installed here when we
+# are root with apt; anywhere else that test skips, naming /usr/bin/chromium. A failing apt-get fails `make test`,
+# so CI never skips the page test unnoticed.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	  else echo "no /usr/bin/chromium (not root, or no apt): the page test will skip"; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # macOS: convert the default model to Core ML, run every graph and a generation, compare with torch (>= 35 dB).
