@@ -29,6 +29,7 @@ from edge.converters.calibrate import calibrate
 from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
+from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
 from edge.converters.split import run_chunks, split_graph
 from edge.converters.tiny_vae import NAME as TINY_VAE
 from edge.converters.tiny_vae import check_fits, load_tiny_vae, source_info, tiny_vae_spec, versus_full_decoder
@@ -69,6 +70,7 @@ class Options:
     targets: tuple[str, ...] = ("onnx",)  # graphs to write: onnx, coreml, or both (converters/coreml)
     coreml: Any = None  # edge.converters.coreml.convert.CoreMLOptions for the coreml target (None: its defaults)
     tiny_vae: str | None = None  # a local diffusers AutoencoderTiny folder (TAESD): previews, --decoder tiny
+    deep_cache: bool = False  # cut the UNet where DeepCache skips its deep part (generate --cache-interval N)
 
     def __post_init__(self) -> None:
         if not self.targets or any(t not in TARGETS for t in self.targets):
@@ -92,6 +94,9 @@ class Options:
                                f"{','.join(self.quantize_ops)} has no Conv")
         if self.split_unet is not None and self.max_chunk_mb is not None:
             raise ConvertError("give --split-unet N or --max-chunk-mb M, not both")
+        if self.deep_cache and (self.split_unet is not None or self.max_chunk_mb is not None):
+            raise ConvertError("--deep-cache cuts the UNet in 3 chunks of its own (head, deep part, tail); it "
+                               "cannot be combined with --split-unet or --max-chunk-mb yet")
         if self.split_unet is not None and self.split_unet < 1:
             raise ConvertError(f"--split-unet {self.split_unet}: expected a number of chunks >= 1")
         if self.max_chunk_mb is not None and self.max_chunk_mb <= 0:
@@ -201,9 +206,12 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
                                       calibration)
             files = [tmp / f for f in record["quantization"]["files"]]
         chunks = None
-        if spec.name == "unet" and (options.split_unet or options.max_chunk_mb):
-            chunks, files = _split(path, feeds, options, external_data_over)
+        if spec.name == "unet" and (options.split_unet or options.max_chunk_mb or options.deep_cache):
+            at = deep_cache_scopes(pipe.unet.config) if options.deep_cache else None
+            chunks, files = _split(path, feeds, options, external_data_over, at)
             record["split"] = {"chunks": len(chunks), "psnr_vs_whole_db": chunks[0].pop("psnr_vs_whole_db")}
+            if at is not None:
+                record["deep_cache"] = deep_cache_record(chunks, at)
         components[spec.name] = {
             "file": files[0].name,
             "files": {f.name: sha256_file(f) for f in files},
@@ -348,11 +356,13 @@ def _lower_precision(path: Path, feeds: dict, options: Options, external_data_ov
     }
 
 
-def _split(path: Path, feeds: dict, options: Options, external_data_over: int) -> tuple[list[dict], list[Path]]:
-    """Cut the UNet graph at `path` into chunks beside it, check the chain against it, drop the whole graph."""
+def _split(path: Path, feeds: dict, options: Options, external_data_over: int,
+           at: list[str] | None = None) -> tuple[list[dict], list[Path]]:
+    """Cut the UNet graph at `path` into chunks beside it (at the scopes `at`, or balanced by weight), check the
+    chain against it, drop the whole graph."""
     max_bytes = None if options.max_chunk_mb is None else int(options.max_chunk_mb * 1e6)
-    chunks = split_graph(path, path.parent, n=options.split_unet, max_chunk_bytes=max_bytes, prefix="unet",
-                         external_data_over=external_data_over)
+    chunks = split_graph(path, path.parent, n=None if at else options.split_unet, max_chunk_bytes=max_bytes,
+                         at=at, prefix="unet", external_data_over=external_data_over)
     from edge.sessions import open_session
 
     whole = open_session(path).run(None, feeds)[0]

@@ -32,10 +32,13 @@ def split_graph(
     *,
     n: int | None = None,
     max_chunk_bytes: int | None = None,
+    at: Sequence[str] | None = None,
     prefix: str = "unet",
     external_data_over: int = ONE_FILE_LIMIT,
 ) -> list[dict]:
-    """Write `model_path` as `n` chunks, or as the fewest whose weights each fit `max_chunk_bytes`.
+    """Write `model_path` as `n` chunks, or as the fewest whose weights each fit `max_chunk_bytes`, or cut before
+    the first node of each scope in `at` (node-name prefixes such as "/unet/up_blocks.1/", in graph order: the
+    cuts DeepCache skips between).
 
     Files are `out_dir/{prefix}_chunk{i}.onnx`. Returns per chunk, in run order: file, files (with external
     data), inputs and outputs ({name, dtype, shape}; shape entries are ints or named dynamic dims, which
@@ -43,12 +46,14 @@ def split_graph(
     graph_outputs (the original outputs it makes), weight_bytes and nodes.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
-    if (n is None) == (max_chunk_bytes is None):
-        raise ValueError(f"split_graph: give exactly one of n or max_chunk_bytes (got n={n}, "
-                         f"max_chunk_bytes={max_chunk_bytes})")
+    if sum(x is not None for x in (n, max_chunk_bytes, at)) != 1:
+        raise ValueError(f"split_graph: give exactly one of n, max_chunk_bytes or at (got n={n}, "
+                         f"max_chunk_bytes={max_chunk_bytes}, at={at})")
     model = onnx.load(str(model_path), load_external_data=False)  # weights are read chunk by chunk
     plan = _Plan(model)
-    if n is not None:
+    if at is not None:
+        cuts = plan.scope_cuts(at, model_path.name)
+    elif n is not None:
         if not 1 <= n <= len(plan.nodes):
             raise ValueError(f"split_graph: n={n}; {model_path.name} can be cut into 1..{len(plan.nodes)} chunks")
         cuts = plan.cuts(n)
@@ -145,6 +150,20 @@ class _Plan:
 
     def chunk_bytes(self, start: int, stop: int) -> int:
         return sum(self._bytes(w) for w in self.weights_of(self.nodes[start:stop]))
+
+    def scope_cuts(self, scopes: Sequence[str], name: str) -> list[int]:
+        """The position of the first computing node of each scope; each must come after the one before, and no
+        tensor of unknown type may cross it."""
+        cuts: list[int] = []
+        for scope in scopes:
+            found = [i for i, k in enumerate(self.nodes) if self.all[k].name.startswith(scope)]
+            if not found or found[0] <= (cuts[-1] if cuts else 0):
+                raise ValueError(f"split_graph: {name} has no computing node in scope {scope!r} after the "
+                                 "previous cut")
+            if self.crossing[found[0]] >= np.iinfo(np.int64).max // 4:
+                raise ValueError(f"split_graph: a tensor of unknown type crosses {name}'s cut at {scope!r}")
+            cuts.append(found[0])
+        return cuts
 
     def cuts(self, n: int) -> list[int]:
         """n - 1 cut positions: near k/n of the weights, fewest crossing tensors, then nearest, then earliest."""

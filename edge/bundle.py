@@ -49,6 +49,7 @@ class Component:
     attention: dict[str, Any] = field(default_factory=dict)  # {"kernel", "chunk"} the graph was exported with
     quantization: dict[str, Any] = field(default_factory=dict)  # what was stored lower, PSNR vs fp32
     fidelity: dict[str, Any] = field(default_factory=dict)  # a stand-in's closeness to what it replaces (tiny VAE)
+    deep_cache: dict[str, Any] = field(default_factory=dict)  # {"skip_chunk", "cached"}: the UNet's DeepCache cut
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -121,6 +122,7 @@ def _component(name: str, d: dict[str, Any]) -> Component:
         attention=dict(d.get("attention", {})),
         quantization=dict(d.get("quantization", {})),
         fidelity=dict(d.get("fidelity", {})),
+        deep_cache=dict(d.get("deep_cache", {})),
     )
 
 

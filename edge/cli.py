@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
-from edge.validate import GUIDANCE_RULE, check_decoder, count_arg, number_arg
+from edge.validate import GUIDANCE_RULE, check_cache_interval, check_decoder, count_arg, number_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def _convert(a: argparse.Namespace) -> int:
                       quantize_ops=ops, activations=a.activations, min_psnr_db=a.min_psnr, split_unet=a.split_unet,
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
                       tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
-                      coreml=_coreml_options(a), tiny_vae=a.tiny_vae)
+                      coreml=_coreml_options(a), tiny_vae=a.tiny_vae, deep_cache=a.deep_cache)
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
@@ -85,6 +85,7 @@ def _generate(a: argparse.Namespace) -> int:
     left, top, right, bottom = a.expand or (0, 0, 0, 0)
     size = _size(pipe, a) if image is None else (image.height + top + bottom, image.width + left + right)
     check_decoder(pipe.manifest, a.decoder)  # before any plan is made with it
+    check_cache_interval(pipe.manifest, a.cache_interval)
     plan = pipe.plan_for(*size, num_images=a.num_images, guided=a.guidance > 1, image=image is not None,
                          decoder=a.decoder)
     if a.memory_budget is not None:
@@ -97,6 +98,7 @@ def _generate(a: argparse.Namespace) -> int:
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
         num_images=a.num_images, callback=_progress_bar(_previews(pipe, a)), image=image, strength=a.strength,
         mask=a.mask, mask_blur=a.mask_blur, expand=a.expand, prompt_syntax=a.prompt_syntax, decoder=a.decoder,
+        cache_interval=a.cache_interval,
     )
     out = Path(a.output)
     for k, image in enumerate(result.images):
@@ -323,6 +325,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--preview-decoder", default="auto", choices=("auto", "linear", "tiny"),
                    help="previews by the tiny autoencoder (auto: where the bundle has one and the budget allows) "
                         "or the linear latent-to-RGB map (no decoder run)")
+    g.add_argument("--cache-interval", type=count_arg("--cache-interval"), default=1, metavar="N",
+                   help="DeepCache: the whole UNet every N steps, its outer level alone between (bundles converted "
+                        "with --deep-cache; 1 = off)")
     g.add_argument("--decoder", default="full", choices=("full", "tiny"),
                    help="final decoder: the full VAE decoder, or the bundle's tiny autoencoder (faster, less detail)")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
@@ -375,6 +380,8 @@ def _add_convert(sub) -> None:
                    "(>= 1)")
     c.add_argument("--no-tiled-vae", action="store_true", help="skip the VAE decoder graph that tiled decoding "
                    "under a tight budget uses (tiles then normalise on their own and colours drift)")
+    c.add_argument("--deep-cache", action="store_true", help="cut the UNet for DeepCache (generate --cache-interval "
+                   "N runs its deep part every N steps only)")
     c.add_argument("--tiny-vae", metavar="DIR", help="add a tiny autoencoder (a local diffusers AutoencoderTiny "
                    "folder, e.g. TAESD) for previews and --decoder tiny; the default model ships its own")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "

@@ -28,7 +28,7 @@ from edge.stages.preview import preview as preview_stage
 from edge.stages.start import encode_image, image_latents, noise_latents
 from edge.stages.text import encode_text
 from edge.tokenizer import ClipTokenizer
-from edge.validate import check_decoder, check_generate, whole_number
+from edge.validate import check_cache_interval, check_decoder, check_generate, whole_number
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
 
@@ -125,16 +125,18 @@ class Pipeline:
                  image: ImageInput | None = None, strength: float = 0.75, resize: bool = False,
                  mask: ImageInput | None = None, mask_blur: int = 0,
                  expand: tuple[int, int, int, int] | None = None, prompt_syntax: str = "auto",
-                 decoder: str = "full") -> Result:
+                 decoder: str = "full", cache_interval: int = 1) -> Result:
         """Text to image, or with `image` (PIL image or path) img2img: the image encoded, noised to `strength`
         (0 < strength <= 1: the fraction of the steps that run) and denoised from there. `resize` fits an image
         whose size the bundle does not accept to the nearest size it does (else it is refused, naming it).
         With `mask` (white = repaint; `mask_blur` px soft edge) inpainting, and with `expand` (left, top, right,
         bottom pixels) outpainting: only the masked area is redrawn, the rest is pasted back from the input.
         `prompt_syntax`: "auto", "a1111" (`(word:1.3)`), "compel" (`word++`) or "none" (edge.prompts).
-        `decoder`: "full" (the VAE decoder) or "tiny" (the bundle's tiny autoencoder: faster, less detail)."""
+        `decoder`: "full" (the VAE decoder) or "tiny" (the bundle's tiny autoencoder: faster, less detail).
+        `cache_interval` N > 1: DeepCache, the whole UNet every N steps (bundles converted with --deep-cache)."""
         guidance, seed = check_generate(guidance, seed)
         check_decoder(self.manifest, decoder)
+        check_cache_interval(self.manifest, cache_interval)
         picture, soft = image_inputs(self.graphs, image, resize, mask, mask_blur, expand)
         if picture is not None:
             height, width = image_size(picture, height, width)
@@ -176,7 +178,7 @@ class Pipeline:
         t = time.perf_counter()
         runs = len(sched.timesteps) - sched.start  # img2img runs the last `strength` of the steps
         for i, x in enumerate(self.denoise(x, context, sched, guidance, rng, start=sched.start, extra=extra,
-                                           blend=mixing)):
+                                           blend=mixing, cache_interval=cache_interval)):
             if callback is not None:
                 callback(i, runs, x)
         self._done_with("unet")
@@ -197,7 +199,8 @@ class Pipeline:
                   **({"prompt_syntax": prompt_syntax} if prompt_syntax != "auto" else {}),
                   **({"mask": True, "mask_blur": mask_blur} if mask is not None else {}),
                   **({"expand": list(expand)} if expand is not None else {}),
-                  **({"decoder": decoder} if decoder != "full" else {})}
+                  **({"decoder": decoder} if decoder != "full" else {}),
+                  **({"cache_interval": cache_interval} if cache_interval != 1 else {})}
         return Result(images=images, timings=timings, params=params, latents=x)
 
     # ----------------------------------------------------------------------- the stages, on this bundle
@@ -208,17 +211,19 @@ class Pipeline:
         return encode_text(self.graphs, self.tokenizer, prompt, negative_prompt, guided, copies, syntax)
 
     def denoise(self, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
-                start: int = 0, extra: np.ndarray | None = None, blend: Blend | None = None) -> Iterator[np.ndarray]:
+                start: int = 0, extra: np.ndarray | None = None, blend: Blend | None = None,
+                cache_interval: int = 1) -> Iterator[np.ndarray]:
         """Yield the latents after each scheduler step (edge.stages.denoise); the model's estimate of the clean
         latents at that step is kept as `self.denoised`, for previews."""
         two_calls = self.plan is not None and self.plan.guidance_batch == 1
         for x, self.denoised in denoise(self.unet, x, context, sched, guidance, rng, two_calls=two_calls,
-                                        start=start, extra=extra, blend=blend):
+                                        start=start, extra=extra, blend=blend, cache_interval=cache_interval):
             yield x
 
-    def unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
-        """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk."""
-        return unet_call(self.graphs, self.plan, sample, t, context)
+    def unet(self, sample: np.ndarray, t: float, context: np.ndarray, cache: dict | None = None,
+             reuse: bool = False) -> np.ndarray:
+        """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk (DeepCache: `cache`)."""
+        return unet_call(self.graphs, self.plan, sample, t, context, cache, reuse)
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         """(1, C, h, w) latents -> an image, whole or in tiles as the plan says."""

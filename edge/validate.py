@@ -58,6 +58,15 @@ def check_decoder(manifest: Any, decoder: object) -> str:
     return decoder
 
 
+def check_cache_interval(manifest: Any, interval: object) -> int:
+    """DeepCache's interval: 1 (every step runs the whole UNet), or N > 1 on a bundle cut for it."""
+    n = whole_number("cache_interval", interval, minimum=1)
+    if n > 1 and not manifest.components["unet"].deep_cache:
+        raise ValueError(f"cache_interval {n}: this bundle's UNet is not cut for DeepCache; re-convert it with "
+                         "--deep-cache, or use cache_interval 1")
+    return n
+
+
 # Command-line forms: argparse `type=` functions, so a bad value is a parse error (exit 2) naming the flag.
 
 def count_arg(flag: str, minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:

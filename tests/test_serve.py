@@ -266,9 +266,19 @@ def test_options_switch_the_model(server):
 # ------------------------------------------------------------------------------------------------ limits
 
 
+def test_numbers_sent_as_strings_are_read_as_a1111_reads_them():
+    from edge.serve.params import ApiError, take
+
+    assert take({"steps": "20"}, "steps", int) == 20 and take({"cfg_scale": "7.5"}, "cfg_scale", float) == 7.5
+    for bad in ("nan", "inf", "high"):
+        with pytest.raises(ApiError, match="a finite number"):
+            take({"cfg_scale": bad}, "cfg_scale", float)
+
+
 @pytest.mark.parametrize("body, status, field, words", [
     ({"prompt": "x", "steps": 401}, 422, "steps", "--max-steps"),
-    ({"prompt": "x", "steps": "20"}, 422, "steps", "a whole number"),
+    ({"prompt": "x", "steps": "twenty"}, 422, "steps", "a whole number"),
+    ({"prompt": "x", "steps": "2.5"}, 422, "steps", "a whole number"),
     ({"prompt": "x", "steps": 2.5}, 422, "steps", "a whole number"),
     ({"prompt": "x", "cfg_scale": "high"}, 422, "cfg_scale", "a finite number"),
     ({"prompt": "x", "width": 512, "height": 4096}, 422, "height", "--max-side"),

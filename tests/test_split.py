@@ -124,9 +124,13 @@ def test_quantized_and_external_data_graphs_split_too(unet, tmp_path):
 
 
 def test_bad_arguments_are_named(unet, tmp_path):
-    with pytest.raises(ValueError, match="exactly one of n or max_chunk_bytes"):
+    with pytest.raises(ValueError, match="exactly one of n, max_chunk_bytes or at"):
         split_graph(unet, tmp_path, n=2, max_chunk_bytes=10**6)
-    with pytest.raises(ValueError, match="exactly one of n or max_chunk_bytes"):
+    with pytest.raises(ValueError, match="exactly one of n, max_chunk_bytes or at"):
         split_graph(unet, tmp_path)
+    with pytest.raises(ValueError, match="no computing node in scope '/unet/up_blocks.9/'"):
+        split_graph(unet, tmp_path, at=["/unet/down_blocks.1/", "/unet/up_blocks.9/"])
+    with pytest.raises(ValueError, match="after the previous cut"):  # scopes out of graph order
+        split_graph(unet, tmp_path, at=["/unet/up_blocks.1/", "/unet/down_blocks.1/"])
     with pytest.raises(ValueError, match=r"n=0; unet.onnx can be cut into 1\.\.\d+ chunks"):
         split_graph(unet, tmp_path, n=0)

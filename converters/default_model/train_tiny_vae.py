@@ -87,7 +87,7 @@ def train(minutes: float, batch: int, seed: int, lr: float = 2e-3, resume: Path 
 @torch.no_grad()
 def held_out(vae: AutoencoderKL, tiny: AutoencoderTiny, n: int = 256) -> dict:
     """PSNR of the tiny decoder against the full decoder on unseen scenes' latents (no noise added)."""
-    rng, g = np.random.default_rng(10_000), torch.Generator().manual_seed(10_000)
+    rng = np.random.default_rng(10_000)
     x = images(sample_scenes(rng, n, two_object_prob=0.25), SIZE)
     z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     full = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)

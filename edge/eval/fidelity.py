@@ -24,8 +24,9 @@ FIELDS = ("background", "color", "shape", "position", "all")
 
 def evaluate_bundle(bundle: Path | str, *, steps: int = 25, guidance: float = 5.0, scheduler: str = "euler",
                     seed: int = 0, limit: int | None = None, threads: int | None = None,
-                    grid: Path | None = None) -> dict:
-    """Accuracy per field, overall and per group; prompt k uses seed `seed + k`."""
+                    grid: Path | None = None, options: dict | None = None) -> dict:
+    """Accuracy per field, overall and per group; prompt k uses seed `seed + k`. `options`: more keywords for
+    every generate() (e.g. cache_interval, decoder)."""
     from edge.pipeline import Pipeline
 
     prompts = eval_prompts() if limit is None else eval_prompts()[:limit]
@@ -34,7 +35,7 @@ def evaluate_bundle(bundle: Path | str, *, steps: int = 25, guidance: float = 5.
     results, images = [], []
     for k, (prompt, scene) in enumerate(prompts):
         image = np.asarray(pipe.generate(prompt, steps=steps, guidance=guidance, scheduler=scheduler,
-                                         seed=seed + k).images[0])
+                                         seed=seed + k, **(options or {})).images[0])
         results.append(score(image, scene))
         images.append(image)
     report = {

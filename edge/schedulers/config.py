@@ -202,3 +202,14 @@ def predict_x0_eps(
     if prediction_type == "epsilon":
         return (sample - b * model_output) / a, model_output
     return a * sample - b * model_output, a * model_output + b * sample  # v_prediction
+
+
+def clipped_x0(model_output: np.ndarray, sample: np.ndarray, alpha_prod: float,
+               config: "SchedulerConfig") -> np.ndarray:
+    """x0 from the UNet output (float64), clipped to the config's range where it asks (DDIM's and LCM's
+    clip_sample)."""
+    x0, _ = predict_x0_eps(model_output.astype(np.float64), sample.astype(np.float64), alpha_prod,
+                           config.prediction_type)
+    if config.clip_sample:
+        x0 = np.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+    return x0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .config import (
-    SchedulerConfig, alphas_cumprod, check_index, check_steps, first_step, noised, predict_x0_eps, spaced_timesteps,
+    SchedulerConfig, alphas_cumprod, check_index, check_steps, clipped_x0, first_step, noised, predict_x0_eps,
+    spaced_timesteps,
 )
 
 
@@ -49,11 +50,7 @@ class DDIMScheduler:
     def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """The model's estimate of the clean latents at step i (float64): what previews show, what step() follows."""
         check_index(i, len(self.timesteps), self.start)
-        x = sample.astype(np.float64)  # (B, C, H, W)
-        x0, _ = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
-        if self.config.clip_sample:
-            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
-        return x0
+        return clipped_x0(model_output, sample, self.alpha[i], self.config)  # (B, C, H, W)
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import SchedulerConfig, alphas_cumprod, check_index, check_steps, first_step, noised, predict_x0_eps
+from .config import SchedulerConfig, alphas_cumprod, check_index, check_steps, clipped_x0, first_step, noised
 
 _SIGMA_DATA = 0.5  # the consistency-model boundary scalings' data std (Song et al. 2023)
 
@@ -68,11 +68,8 @@ class LCMScheduler:
     def denoised(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """The consistency function f(x, t) = c_skip x + c_out x0 (float64): the clean latents, at every step."""
         check_index(i, len(self.timesteps), self.start)
-        x = sample.astype(np.float64)  # (B, C, H, W)
-        x0, _ = predict_x0_eps(model_output.astype(np.float64), x, self.alpha[i], self.config.prediction_type)
-        if self.config.clip_sample:
-            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
-        return self.c_out[i] * x0 + self.c_skip[i] * x  # (B, C, H, W)
+        x0 = clipped_x0(model_output, sample, self.alpha[i], self.config)  # (B, C, H, W)
+        return self.c_out[i] * x0 + self.c_skip[i] * sample.astype(np.float64)  # (B, C, H, W)
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None

@@ -6,7 +6,7 @@ plus sampler_index, script_name, script_args, send_images, save_images, alwayson
 infotext, and for img2img init_images, denoising_strength, mask, include_init_images; responses are
 `{"images": [base64 PNG], "parameters": {the request}, "info": "<JSON of Processed.js()>"}`). As there
 (pydantic), a field this API does not know is ignored, and a known field of the wrong type is a 422 naming it
-(types are checked strictly: a number sent as a string is refused).
+(a number sent as a string, "20", is read as pydantic reads it; "twenty" is refused).
 
 Where a field means nothing here:
 
@@ -27,7 +27,7 @@ Where a field means nothing here:
 | `script_name`, `alwayson_scripts` | none exist here: a named one is refused (422), as A1111 refuses a script it lacks |
 | `/sdapi/v1/interrupt` | stops the running job at its next step; its response carries the latents decoded as they are |
 | `/sdapi/v1/skip` | the same for the current image only; the job goes on with the next |
-| `/sdapi/v1/progress` | `current_image`: the bundle's linear latent preview (a colour sketch), not a decoder run |
+| `/sdapi/v1/progress` | `current_image`: the step's estimate of the finished image, by the bundle's tiny autoencoder where it has one (A1111's "TAESD" live preview), else its linear latent map (a colour sketch) |
 | `/sdapi/v1/sd-models` | one entry per bundle: `hash` is the bundle id's first 10 characters, `sha256` null (a bundle is many files) |
 | `/sdapi/v1/options` | a few options are reported; POST switches bundles with `sd_model_checkpoint` (waits for the load); others are kept and echoed, without effect |
 """

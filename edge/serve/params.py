@@ -60,12 +60,15 @@ class GenerationRequest:
 
 def take(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING, *, nullable: bool = True) -> Any:
     """body[name] if it has the JSON type `kind` (int: a whole number, also 20.0; float: any number; never a
-    bool for either), else a 422 naming the field. Absent (or null, where allowed) gives `default`."""
+    bool for either), else a 422 naming the field. Absent (or null, where allowed) gives `default`. A number
+    sent as a string ("20") is read as A1111's pydantic models read it."""
     value = body.get(name, _MISSING)
     if value is _MISSING or (value is None and nullable):
         if default is _MISSING:
             raise ApiError(422, f"{name} is required", name)
         return default
+    if kind in (int, float) and isinstance(value, str):
+        value = _number(value)
     if kind is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -78,6 +81,17 @@ def take(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING, *
     if not ok:
         raise ApiError(422, f"{name} must be {_KIND_WORDS[kind]}, got {_shown(value)}", name)
     return value
+
+
+def _number(text: str) -> object:
+    """"20" -> 20, "7.5" -> 7.5; anything else stays the string (and is refused by the type check)."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        try:
+            return float(text.strip())
+        except ValueError:
+            return text
 
 
 _KIND_WORDS = {int: "a whole number", float: "a finite number", str: "a string", bool: "true or false",

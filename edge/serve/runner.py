@@ -24,7 +24,7 @@ from edge.serve.gallery import Entry, Gallery
 from edge.serve.jobs import Job
 
 log = logging.getLogger("edge.serve")
-PREVIEW_SIDE = 256  # previews are a colour sketch of the latents: no need to send more pixels
+PREVIEW_SIDE = 256  # a progress preview: no need to send more pixels than a phone shows
 STAGES = ("text_encoder", "vae_encoder", "unet", "vae_decoder", "tiny_vae_decoder")
 
 

@@ -3,6 +3,9 @@ loop as a generator of latents (progress, previews and cancellation are the call
 
 Where ControlNet would add its residuals: `unet_call`'s `env` (the chunks' shared feeds), before the chunk
 that reads them.
+
+DeepCache (converters/deep_cache.py): with `cache_interval` N > 1 on a bundle cut for it, every N-th step runs
+the whole UNet and keeps its deep feature; the steps between skip the deep chunk and reuse it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import numpy as np
 from edge.graphs import Graphs
 from edge.plan import Plan
 
-UNet = Callable[[np.ndarray, float, np.ndarray], np.ndarray]  # (sample, timestep, context) -> noise prediction
+# (sample, timestep, context, cache) -> noise prediction; cache: None, or DeepCache's store for this call's batch
+UNet = Callable[..., np.ndarray]
 
 
-def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, context: np.ndarray,
+              cache: dict | None = None, reuse: bool = False) -> np.ndarray:
     """(B, C, h, w) -> noise prediction. Chunks the plan does not keep resident load for this call only.
 
+    DeepCache: with `reuse` the deep chunk is skipped and `cache` (what it made at the last full step) stands in
+    for its outputs; without, a given `cache` is filled with them.
     Logged in `graphs.timed_calls` as one "unet" entry: all its chunks, and loading those not resident.
     """
     start = time.time()
@@ -32,11 +39,18 @@ def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, c
     sessions = graphs.open("unet", keep)  # the resident chunks; the others load for this call only
     chunks = component.chunks or (None,)
     last_use = {n: k for k, c in enumerate(component.chunks) for n in c.inputs}
+    deep = component.deep_cache.get("skip_chunk") if cache is not None else None
     for k, chunk in enumerate(chunks):
+        if k == deep and reuse:
+            env.update(cache)  # the deep feature of the last full step
+            continue
         session = sessions[k] if k < keep else graphs.load(component, k)
         names = [o.name for o in session.get_outputs()]
         feeds = {i.name: env[i.name] for i in session.get_inputs()}
         env.update(zip(names, session.run(names, feeds)))
+        if k == deep:
+            cache.clear()
+            cache.update({n: env[n] for n in component.deep_cache["cached"]})
         del session, feeds
         if chunk is not None:  # drop what no later chunk reads
             env = {n: v for n, v in env.items() if last_use.get(n, -1) > k or n == "noise_pred"}
@@ -50,7 +64,7 @@ Blend = Callable[[int, np.ndarray], np.ndarray]  # (step index just taken, laten
 
 def denoise(unet: UNet, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
             two_calls: bool = False, start: int = 0, extra: np.ndarray | None = None,
-            blend: Blend | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            blend: Blend | None = None, cache_interval: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (latents after each scheduler step, the model's estimate of the clean latents at that step) from step
     index `start` (img2img starts part-way). The estimate is what a preview should show: the noisy latents are
     mostly noise until the last steps.
@@ -59,18 +73,22 @@ def denoise(unet: UNet, x: np.ndarray, context: np.ndarray, sched, guidance: flo
     two halves as batch-1 calls (half the activations, same result) where the memory plan asks for it.
     Inpainting: `extra` (N, E, h, w) is concatenated to the UNet's input channels (a 9-channel inpainting
     UNet's mask and masked-image latents); `blend` runs after each step (a 4-channel UNet's latent blending).
+    `cache_interval` N > 1: DeepCache, the whole UNet on every N-th step only (one store per UNet call of a step).
     """
     guided = context.shape[0] == 2 * x.shape[0]
+    caches = ([{}, {}] if guided and two_calls else [{}]) if cache_interval > 1 else [None, None]
     for i in range(start, len(sched.timesteps)):
         t = sched.timesteps[i]
+        reuse = (i - start) % cache_interval != 0
         x_in = sched.scale_model_input(x, i).astype(np.float32)  # (N, C, h, w)
         if extra is not None:
             x_in = np.concatenate([x_in, extra.astype(np.float32)], axis=1)  # (N, C + E, h, w)
         if guided and two_calls:
             uncond_ctx, cond_ctx = np.split(context, 2)
-            out = np.concatenate([unet(x_in, t, uncond_ctx), unet(x_in, t, cond_ctx)])
+            out = np.concatenate([unet(x_in, t, uncond_ctx, caches[0], reuse),
+                                  unet(x_in, t, cond_ctx, caches[-1], reuse)])
         else:
-            out = unet(np.concatenate([x_in, x_in]) if guided else x_in, t, context)  # (B, C, h, w)
+            out = unet(np.concatenate([x_in, x_in]) if guided else x_in, t, context, caches[0], reuse)  # (B, C, h, w)
         if guided:
             uncond, cond = np.split(out, 2)
             out = uncond + np.float32(guidance) * (cond - uncond)
