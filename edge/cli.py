@@ -126,6 +126,17 @@ def _plan(a: argparse.Namespace) -> int:
     plan = pipe.plan_for(h, w, num_images=a.num_images, guided=a.guidance > 1)
     print(f"{a.bundle}: {w}x{h}, {a.num_images} image(s), guidance {a.guidance}")
     print(plan.describe())
+    from edge.plan import smallest_budget
+
+    try:
+        least, frugal = smallest_budget(pipe.manifest, h, w, num_images=a.num_images, guided=a.guidance > 1,
+                                        base=plan.base)
+    except ValueError:  # a bundle without memory measurements: its plan above already says so
+        return 0
+    print(f"smallest budget at this size: {format_bytes(least)} (estimated peak {format_bytes(frugal.peak)}: "
+          f"{'all resident' if frugal.resident else 'staged'}, UNet batch {frugal.guidance_batch}"
+          f"{', chunks reloaded per call' if frugal.unet_per_call else ''}"
+          f"{f', VAE tiles of {frugal.vae_tile}' if frugal.vae_tile else ''})")
     return 0
 
 

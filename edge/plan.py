@@ -218,6 +218,28 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
                 notes=int8_notes(manifest), decoder=decoder, tiny_previews=previews)
 
 
+def smallest_budget(manifest: Manifest, height: int, width: int, *, num_images: int = 1, guided: bool = True,
+                    base: int = 0, image: bool = False, decoder: str = "full") -> tuple[int, Plan]:
+    """The smallest budget (to 1 MiB) any plan of this bundle fits at this size, and that plan: what `edge plan`
+    states, so a user sees how far down a budget can go before trying one."""
+    def fits(budget: int) -> Plan | None:
+        try:
+            return make_plan(manifest, budget, height, width, num_images=num_images, guided=guided, base=base,
+                             image=image, decoder=decoder)
+        except BudgetError:
+            return None
+
+    hi = _round_up(make_plan(manifest, None, height, width, num_images=num_images, guided=guided, base=base,
+                             image=image, decoder=decoder).peak / (1 - HEADROOM)) + 2**20
+    lo = 2**20  # MiB steps: no plan is that exact
+    while hi - lo > 2**20:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) is not None else (mid, hi)
+    plan = fits(hi)
+    assert plan is not None  # the resident plan fits hi
+    return hi, plan
+
+
 def int8_notes(manifest: Manifest, cpu: CpuFeatures | None = None) -> tuple[str, ...]:
     """Where the bundle's int8 graphs gain no speed on this CPU, say so: on x86 without VNNI and ARM without
     dot product, onnxruntime's exact int8 kernels are no faster than fp32 (AMD EPYC Zen 1, SD 1.5 UNet call:

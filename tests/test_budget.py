@@ -156,6 +156,25 @@ def test_plan_cli_and_measured_peak(small, tmp_path):
     assert abs(estimate - peak) <= 0.25 * peak, (estimate / MB, peak / MB)
 
 
+def test_plan_states_the_smallest_budget(small, tmp_path):
+    """`edge plan` names the smallest budget any plan fits; 2 MiB less is refused."""
+    from edge.plan import BudgetError, make_plan, smallest_budget
+
+    m = read_manifest(small)
+    least, plan = smallest_budget(m, 64, 64, guided=True)
+    assert not plan.resident and plan.peak <= least
+    with pytest.raises(BudgetError):
+        make_plan(m, least - 2 * MB, 64, 64)
+    text = subprocess.run([sys.executable, "-m", "edge.cli", "plan", str(small), "--memory-budget", "4GB"],
+                          capture_output=True, text=True, check=True).stdout
+    stated = text.split("smallest budget at this size: ")[1].split(" ")[0]
+    assert abs(float(stated) * MB - smallest_budget(m, 64, 64, base=_base_of(text))[0]) <= 2 * MB
+
+
+def _base_of(plan_text: str) -> int:
+    return int(float(plan_text.split("process before loading: ")[1].split(" MB")[0]) * MB)
+
+
 def test_profile_remeasures_on_this_machine(small, tmp_path):
     """`edge profile` rewrites the memory measurements in place; the bundle still verifies and plans."""
     import shutil
