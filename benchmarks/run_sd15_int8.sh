@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Full-size Stable Diffusion 1.5 (random weights built from the published configs), 512x512: edge's int8
-# bundles against its fp32 bundle, the fp32 peers (diffusers on torch, optimum's ONNX Runtime pipeline) and
-# their int8 (torch's dynamic quantization of the UNet's Linear layers; optimum's ORTQuantizer with its
-# avx512_vnni config), each in its own process, same latents. One results folder per run under $OUT.
+# bundles against its fp32 bundle, the fp32 peers (diffusers on torch, optimum's ONNX Runtime pipeline,
+# optimum-intel's OpenVINO pipeline at the precision OpenVINO picks) and their int8 (torch's dynamic quantization
+# of the UNet's Linear layers; optimum's ORTQuantizer with its avx512_vnni config; OpenVINO's 8-bit weight
+# compression), each in its own process, same latents. One results folder per run under $OUT.
 #
 #   fp32      edge convert MODEL                                   (the peers run beside it)
 #   int8      edge convert MODEL --precision int8 --quantize-ops MatMul,Gemm,Conv
@@ -41,9 +42,9 @@ for variant in $VARIANTS; do
         "$EDGE" convert "$MODEL" -o "$WORK/$variant" --overwrite ${ARGS[$variant]}
     fi
     if [[ $variant == fp32 ]]; then
-        bench fp32 "sd15-fp32-${STEPS}steps" --peers diffusers,optimum
+        bench fp32 "sd15-fp32-${STEPS}steps" --peers diffusers,optimum,openvino
     elif [[ $variant == int8s ]]; then  # against what the peers' own tools make of int8
-        bench int8s "sd15-int8s-${STEPS}steps" --peers diffusers-int8,optimum-int8
+        bench int8s "sd15-int8s-${STEPS}steps" --peers diffusers-int8,optimum-int8,openvino-int8
     else
         bench "$variant" "sd15-$variant-${STEPS}steps" --no-peers
     fi

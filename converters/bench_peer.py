@@ -1,10 +1,11 @@
 """One peer runtime measured in its own fresh process, for `edge bench --peers`: what a user would pick
 instead of edge, run on the same model, size, steps, scheduler, prompt and initial latents.
 
-Run by path with whichever Python has the peer installed (the optimum peer lives in its own virtual
-environment), so this file imports only the standard library at the top, and never imports `edge`:
+Run by path with whichever Python has the peer installed (the optimum and OpenVINO peers live in their own
+virtual environments), so this file imports only the standard library at the top, and never imports `edge`:
 
-    python bench_peer.py SPEC.json      # SPEC: {"peer": "diffusers" | "diffusers-int8" | "optimum" | "optimum-int8",
+    python bench_peer.py SPEC.json      # SPEC: {"peer": "diffusers" | "diffusers-int8" | "optimum" | "optimum-int8"
+                                        #        | "openvino" | "openvino-int8",
                                         #        "mode": "run" | "export" | "quantize", ...}
 
 It writes SPEC["out_json"] (timings of its own calls, the peak RSS the kernel recorded for this process)
@@ -54,6 +55,22 @@ class TimedSession:
         return getattr(self._session, name)
 
 
+class TimedRequest:
+    """An OpenVINO compiled model (optimum-intel's `part.request`) whose calls are timed into `calls`."""
+
+    def __init__(self, request, stage: str, calls: list):
+        self._request, self._stage, self._calls = request, stage, calls
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.time()
+        out = self._request(*args, **kwargs)
+        self._calls.append((self._stage, t0, time.time()))
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self._request, name)
+
+
 def _vm(field: str) -> int | None:
     try:
         match = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.MULTILINE)
@@ -97,7 +114,7 @@ def load_diffusers(spec: dict, calls: list):
 
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
     runtime = f"diffusers {diffusers.__version__} (torch {torch.__version__.split('+')[0]}, {precision})"
-    return pipe, versions, runtime, "torch CPU"
+    return pipe, versions, runtime, "torch CPU", None
 
 
 def load_optimum(spec: dict, calls: list):
@@ -117,18 +134,74 @@ def load_optimum(spec: dict, calls: list):
                 "diffusers": diffusers.__version__}
     kind = ", int8 UNet (ORTQuantizer avx512_vnni, dynamic)" if spec["peer"] == "optimum-int8" else ""
     runtime = f"optimum {optimum.version.__version__} (onnxruntime {ort.__version__}, CPU{kind})"
-    return pipe, versions, runtime, "CPUExecutionProvider"
+    return pipe, versions, runtime, "CPUExecutionProvider", None
 
 
-def export_optimum(spec: dict) -> None:
-    """The optimum ONNX export of the diffusers folder, done once and cached (not part of any timing)."""
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
+OV_TYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
-    out = Path(spec["optimum_dir"])
+
+def load_openvino(spec: dict, calls: list):
+    """optimum-intel's pipeline on OpenVINO's CPU plugin, compiled with OpenVINO's own defaults but for the
+    thread count: the inference precision is the one OpenVINO picks on this CPU, read back and reported."""
+    import diffusers
+    import openvino as ov
+    from optimum.intel import OVStableDiffusionPipeline
+    from optimum.intel.version import __version__ as intel_version
+
+    ov_config = {} if spec["threads"] is None else {"INFERENCE_NUM_THREADS": spec["threads"]}
+    # compiles every part for the CPU, as a user's from_pretrained does: part of the load time
+    pipe = OVStableDiffusionPipeline.from_pretrained(spec["openvino_dir"], ov_config=ov_config, local_files_only=True)
+    inference = {}
+    for stage, part in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet), ("vae_decoder", pipe.vae_decoder)):
+        hint = part.request.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        inference[stage] = OV_TYPES.get(hint, hint)
+        part.request = TimedRequest(part.request, stage, calls)
+    core = ov.Core()
+    int8 = spec["peer"] == "openvino-int8"
+    precision = {"inference": inference, "weights": "int8 (nncf weight compression)" if int8 else "fp32",
+                 "device": core.get_property("CPU", "FULL_DEVICE_NAME"),
+                 "device_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))}
+    versions = {"optimum-intel": intel_version, "openvino": ov.__version__.split("-")[0],
+                "diffusers": diffusers.__version__}
+    kinds = sorted(set(inference.values()))
+    runtime = (f"optimum-intel {intel_version} (OpenVINO {versions['openvino']}, CPU, {'/'.join(kinds)} inference"
+               + (", int8 weights" if int8 else "") + ")")
+    return pipe, versions, runtime, "OpenVINO CPU", precision
+
+
+def quantize_openvino(spec: dict) -> None:
+    """The int8 an OpenVINO user gets without calibration data: optimum-intel's 8-bit weight compression
+    (OVWeightQuantizationConfig(bits=8), nncf: int8 weights, activations at the inference precision) of
+    every part of the fp32 export. Cached like the export."""
+    import shutil
+
+    from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
+
+    out = Path(spec["openvino_dir"])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = OVStableDiffusionPipeline.from_pretrained(spec["fp32_dir"], compile=False, local_files_only=True,
+                                                     quantization_config=OVWeightQuantizationConfig(bits=8))
+    pipe.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def export(spec: dict) -> None:
+    """The peer library's own export of the diffusers folder, done once and cached (not part of any timing):
+    optimum's ONNX, or optimum-intel's OpenVINO IR with fp32 weights (its 8-bit default, for models over 1B
+    parameters, turned off: the fp peer is fp on every model; OpenVINO picks the precision it computes in)."""
+    if spec["peer"] == "openvino":
+        from optimum.intel import OVStableDiffusionPipeline as Pipeline
+
+        out, options = Path(spec["openvino_dir"]), {"load_in_8bit": False, "compile": False}
+    else:
+        from optimum.onnxruntime import ORTStableDiffusionPipeline as Pipeline
+
+        out, options = Path(spec["optimum_dir"]), {}
     tmp = out.with_name(out.name + ".partial")
     staging = _for_old_transformers(Path(spec["model"]), out.with_name(out.name + ".staging"))
     _check_text_encoder_loads(staging)
-    pipe = ORTStableDiffusionPipeline.from_pretrained(str(staging), export=True, local_files_only=True)
+    pipe = Pipeline.from_pretrained(str(staging), export=True, local_files_only=True, **options)
     pipe.save_pretrained(tmp)
     tmp.rename(out)
     if staging != Path(spec["model"]):
@@ -161,11 +234,12 @@ def quantize_optimum(spec: dict) -> None:
 
 
 def _for_old_transformers(model: Path, staging: Path) -> Path:
-    """`model` itself, or a staging folder of links to its parts with the two that transformers >= 5 saves
-    in a form the transformers < 4.58 of optimum's environment misreads rewritten:
+    """`model` itself, or a staging folder of links to its parts with the two that recent transformers save
+    in a form the older transformers of the peers' environments misread rewritten (optimum's 4.57 reads
+    neither; OpenVINO's 5.5 reads the tokenizer but not the text encoder):
 
     - the CLIP tokenizer as tokenizer.json alone: vocab.json + merges.txt are written out from it;
-    - CLIPTextModel weights without the `text_model.` prefix: 4.x would leave every weight randomly
+    - CLIPTextModel weights without the `text_model.` prefix: 4.x and 5.5 would leave every weight randomly
       initialised (with only a warning), so the prefix is put back.
     """
     tok, te = model / "tokenizer", model / "text_encoder"
@@ -218,8 +292,11 @@ def _check_text_encoder_loads(folder: Path) -> None:
 
     _, info = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), output_loading_info=True)
     if info["missing_keys"]:
-        raise SystemExit(f"optimum export: {len(info['missing_keys'])} text encoder weights would be random "
+        raise SystemExit(f"peer export: {len(info['missing_keys'])} text encoder weights would be random "
                          f"(e.g. {info['missing_keys'][0]}); this model's layout is not readable here")
+
+
+LOADERS = {"diffusers": load_diffusers, "optimum": load_optimum, "openvino": load_openvino}
 
 
 def run(spec: dict) -> dict:
@@ -230,6 +307,8 @@ def run(spec: dict) -> dict:
 
     if peer.startswith("diffusers"):  # the library's import is part of a user's cold start
         from diffusers import StableDiffusionPipeline  # noqa: F401
+    elif peer.startswith("openvino"):
+        from optimum.intel import OVStableDiffusionPipeline  # noqa: F401
     else:
         from optimum.onnxruntime import ORTStableDiffusionPipeline  # noqa: F401
     _quiet_libraries()
@@ -237,7 +316,8 @@ def run(spec: dict) -> dict:
     print(f"[{peer}] imported in {import_s:.1f}s; loading", file=sys.stderr, flush=True)
     load_start = time.time()
     t = time.perf_counter()
-    pipe, versions, runtime, provider = (load_diffusers if peer.startswith("diffusers") else load_optimum)(spec, calls)
+    load = LOADERS[peer.split("-")[0]]
+    pipe, versions, runtime, provider, precision = load(spec, calls)
     load_s = time.perf_counter() - t
     load_end = time.time()
     print(f"[{peer}] loaded in {load_s:.1f}s", file=sys.stderr, flush=True)
@@ -270,6 +350,7 @@ def run(spec: dict) -> dict:
         "peak_rss_bytes": peak, "peak_rss_source": source,
         "stage_marks": [("load", load_start, load_end)] + calls,
         "t_start": T_START,
+        "precision": precision,
     }
 
 
@@ -303,10 +384,10 @@ def _quiet_libraries() -> None:
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     if spec["mode"] == "export":
-        export_optimum(spec)
+        export(spec)
         return 0
     if spec["mode"] == "quantize":
-        quantize_optimum(spec)
+        (quantize_openvino if spec["peer"] == "openvino-int8" else quantize_optimum)(spec)
         return 0
     result = run(spec)
     Path(spec["out_json"]).write_text(json.dumps(result), encoding="utf-8")

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edge.bench_host import (AUTO_PEERS, PEERS, BenchError, arch_bundle, optimum_export, optimum_int8,
-                             optimum_python, peer_model, ratios, run_peer)
+from edge.bench_host import (AUTO_PEERS, PEERS, BenchError, arch_bundle, openvino_export, openvino_python,
+                             optimum_export, optimum_int8, optimum_python, peer_model, ratios, run_peer)
 from edge.bench_probe import system_info
 from edge.bench_run import measure_edge
 from edge.plan import parse_bytes
@@ -69,7 +69,7 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
     log(f"[edge] UNet {run['unet_call_s']['median']:.3f}s/call (median), end-to-end "
         f"{run['end_to_end_s']['median']:.2f}s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GB")
     runs = [run]
-    spec = {"model": None, "optimum_dir": None, "threads": threads, "scheduler": scheduler, "prompt": prompt,
+    spec = {"model": None, "optimum_dir": None, "openvino_dir": None, "threads": threads, "scheduler": scheduler, "prompt": prompt,
             "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance, "height": height,
             "width": width, "repeat": repeat, "latents": str((out / "latents.npy").resolve())}
     for peer, (python, peer_spec) in ready.items():
@@ -153,7 +153,8 @@ def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source:
         if not reason and peer.startswith("diffusers"):
             python = Path(sys.executable)
         elif not reason:
-            python, reason = optimum_python(create=explicit, log=log)
+            make = openvino_python if peer.startswith("openvino") else optimum_python
+            python, reason = make(create=explicit, log=log)
         if reason:
             if explicit:
                 raise BenchError(f"peer {peer} cannot run: {reason}")
@@ -165,6 +166,8 @@ def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source:
             spec["optimum_dir"] = str(optimum_export(python, folder, log))
         if peer == "optimum-int8":
             spec["optimum_dir"] = str(optimum_int8(python, Path(spec["optimum_dir"]), log))
+        if peer.startswith("openvino"):
+            spec["openvino_dir"] = str(openvino_export(python, folder, peer == "openvino-int8", log))
         ready[peer] = (python, spec)
     return ready
 
@@ -244,8 +247,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="intra-op threads for every runtime (default: each one's own)")
     b.add_argument("--memory-budget", help="run edge under this budget (its memory planner) and report whether "
                    "its peak RSS fits, e.g. 4GB")
-    b.add_argument("--peers", default="auto", help="comma list of diffusers,optimum,diffusers-int8,optimum-int8; "
-                   "default auto: diffusers and optimum where ready")
+    b.add_argument("--peers", default="auto", help=f"comma list of {','.join(PEERS)}; "
+                   f"default auto: {', '.join(AUTO_PEERS)} where ready")
     b.add_argument("--no-peers", action="store_true", help="measure edge only")
     b.add_argument("--peer-model", type=Path, help="diffusers folder the peers load (default: the bundle's source)")
     b.add_argument("--label", help="name of this run in tables and plots")

@@ -20,13 +20,22 @@ from edge.bench_probe import run_child, summarize
 
 Log = Callable[[str], None]
 # The int8 peers are what each library's own tools give without calibration; run only when asked for.
-PEERS = ("diffusers", "optimum", "diffusers-int8", "optimum-int8")
-AUTO_PEERS = ("diffusers", "optimum")  # `--peers auto`: these, where ready
-# optimum-onnx 0.1.0 needs transformers < 4.58 (and a diffusers its export code knows), so it gets its own
-# environment. torch goes first and pinned: any other route makes pip pull a multi-GB CUDA build.
-OPTIMUM_TORCH = "torch==2.13.0"
+PEERS = ("diffusers", "optimum", "openvino", "diffusers-int8", "optimum-int8", "openvino-int8")
+AUTO_PEERS = ("diffusers", "optimum", "openvino")  # `--peers auto`: these, where ready
+# Each peer library that pins transformers differently from edge's converters gets its own environment.
+# torch goes first and pinned: any other route makes pip pull a multi-GB CUDA build.
+PEER_TORCH = "torch==2.13.0"
+# optimum-onnx 0.1.0 needs transformers < 4.58 (and a diffusers its export code knows).
 OPTIMUM_PACKAGES = ("optimum-onnx[onnxruntime]==0.1.0", "optimum==2.1.0", "transformers==4.57.6",
                     "diffusers==0.39.0", "huggingface-hub==0.36.2", "onnxruntime==1.32.0", "onnx==1.23.2")
+# optimum-intel 2.2.0 needs optimum 2.3 (optimum's environment pins 2.1), transformers < 5.6 and
+# huggingface-hub < 1.22 (so diffusers <= 0.39). It is installed without its dependencies, which are all here
+# but torchvision: PyPI's torchvision is a CUDA build that breaks transformers' imports beside the CPU torch,
+# and nothing optimum-intel runs for Stable Diffusion uses it.
+OPENVINO_PACKAGES = ("openvino==2026.4.1", "openvino-tokenizers==2026.4.1.0", "nncf==3.4.0", "optimum==2.3.0",
+                     "transformers==5.5.4", "diffusers==0.39.0", "huggingface-hub==1.21.0", "requests",
+                     "setuptools")
+OPENVINO_NO_DEPS = ("optimum-intel==2.2.0",)
 
 
 class BenchError(ValueError):
@@ -142,40 +151,85 @@ def peer_model(source: dict[str, Any], given: Path | None) -> tuple[Path | None,
                   "found on this machine; pass --peer-model DIR")
 
 
-def optimum_python(create: bool, log: Log) -> tuple[Path | None, str]:
-    """The optimum environment's Python; created (minutes, ~1 GB) only when `create`. (None, why) if absent."""
-    venv = cache_dir() / "peers" / "optimum"
+def _peer_python(name: str, steps: tuple[tuple[str, ...], ...], create: bool, log: Log) -> tuple[Path | None, str]:
+    """The Python of peer `name`'s environment under $EDGE_CACHE_DIR/peers/, created (minutes, ~1.5 GB) only
+    when `create` by one `pip install` per step. (None, why) if absent."""
+    venv = cache_dir() / "peers" / name
     python = venv / "bin" / "python"
     if (venv / ".installed").is_file():
         return python, ""
+    commands = "; ".join("pip install " + " ".join(step) for step in steps)
     if not create:
-        return None, f"its environment {venv} does not exist yet (`--peers optimum` creates it)"
-    log(f"[optimum] creating {venv}: {OPTIMUM_TORCH}, then {' '.join(OPTIMUM_PACKAGES)}")
+        return None, (f"its environment {venv} does not exist yet (`edge bench --peers {name}` creates it: "
+                      f"{commands})")
+    log(f"[{name}] creating {venv}: {commands}")
     shutil.rmtree(venv, ignore_errors=True)
-    logs = cache_dir() / "logs" / "optimum-venv.log"
-    _run_quiet([sys.executable, "-m", "venv", str(venv)], "creating the optimum venv", logs)
-    _run_quiet([str(python), "-m", "pip", "install", "-q", OPTIMUM_TORCH], "installing torch (optimum venv)", logs)
-    _run_quiet([str(python), "-m", "pip", "install", "-q", *OPTIMUM_PACKAGES], "installing optimum", logs)
-    (venv / ".installed").write_text(json.dumps([OPTIMUM_TORCH, *OPTIMUM_PACKAGES]) + "\n")
+    logs = cache_dir() / "logs" / f"{name}-venv.log"
+    _run_quiet([sys.executable, "-m", "venv", str(venv)], f"creating the {name} venv", logs)
+    for step in steps:
+        _run_quiet([str(python), "-m", "pip", "install", "-q", *step], f"pip install {' '.join(step)} ({name} venv)",
+                   logs)
+    (venv / ".installed").write_text(json.dumps(steps) + "\n")
     return python, ""
+
+
+def optimum_python(create: bool, log: Log) -> tuple[Path | None, str]:
+    """The optimum environment's Python (see OPTIMUM_PACKAGES)."""
+    return _peer_python("optimum", ((PEER_TORCH,), OPTIMUM_PACKAGES), create, log)
+
+
+def openvino_python(create: bool, log: Log) -> tuple[Path | None, str]:
+    """The OpenVINO environment's Python: optimum-intel and OpenVINO (see OPENVINO_PACKAGES)."""
+    return _peer_python("openvino", ((PEER_TORCH,), OPENVINO_PACKAGES, ("--no-deps", *OPENVINO_NO_DEPS)), create,
+                        log)
+
+
+def _model_key(model: Path) -> str:
+    """A peer export's cache key: the folder's path and its files' timestamps."""
+    key = hashlib.sha256(str(model.resolve()).encode())
+    for f in sorted(model.rglob("*")):
+        key.update(f"{f.relative_to(model)}:{f.stat().st_mtime_ns}".encode())
+    return key.hexdigest()[:12]
+
+
+def _peer_step(python: Path, spec: dict[str, Any], out: Path, what: str, log_name: str) -> None:
+    """One cached set-up step of a peer (an export, a quantization) in its own environment."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec_path = out.with_name(out.name + ".spec.json")
+    spec_path.write_text(json.dumps(spec))
+    _run_quiet([str(python), str(_peer_script()), str(spec_path)], what, cache_dir() / "logs" / log_name)
+    spec_path.unlink()
 
 
 def optimum_export(python: Path, model: Path, log: Log) -> Path:
     """optimum's own ONNX export of `model`, cached by the folder's path and contents' timestamps."""
-    key = hashlib.sha256(str(model.resolve()).encode())
-    for f in sorted(model.rglob("*")):
-        key.update(f"{f.relative_to(model)}:{f.stat().st_mtime_ns}".encode())
-    out = cache_dir() / "optimum" / f"{model.name}-{key.hexdigest()[:12]}"
+    out = cache_dir() / "optimum" / f"{model.name}-{_model_key(model)}"
     if (out / "model_index.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     log(f"[optimum] exporting {model} to ONNX with optimum -> {out}")
-    spec = out.with_name(out.name + ".spec.json")
-    spec.write_text(json.dumps({"peer": "optimum", "mode": "export", "model": str(model), "optimum_dir": str(out)}))
-    _run_quiet([str(python), str(_peer_script()), str(spec)], "optimum export",
-               cache_dir() / "logs" / "optimum-export.log")
-    spec.unlink()
+    _peer_step(python, {"peer": "optimum", "mode": "export", "model": str(model), "optimum_dir": str(out)}, out,
+               "optimum export", "optimum-export.log")
+    return out
+
+
+def openvino_export(python: Path, model: Path, int8: bool, log: Log) -> Path:
+    """optimum-intel's OpenVINO export of `model` (fp32 weights; OpenVINO picks the inference precision when it
+    compiles), or with `int8` that export with OpenVINO's own 8-bit weight compression (nncf, through
+    optimum-intel's OVWeightQuantizationConfig(bits=8): what `optimum-cli export openvino --weight-format int8`
+    writes). Cached beside optimum's exports, by the same key."""
+    fp = cache_dir() / "openvino" / f"{model.name}-{_model_key(model)}"
+    out = fp.with_name(fp.name + "-int8") if int8 else fp
+    if (out / "model_index.json").is_file():
+        return out
+    if int8:
+        fp = openvino_export(python, model, False, log)
+        log(f"[openvino-int8] compressing {fp}'s weights to int8 with optimum-intel (nncf) -> {out}")
+        spec = {"peer": "openvino-int8", "mode": "quantize", "fp32_dir": str(fp), "openvino_dir": str(out)}
+    else:
+        log(f"[openvino] exporting {model} to OpenVINO IR with optimum-intel -> {out}")
+        spec = {"peer": "openvino", "mode": "export", "model": str(model), "openvino_dir": str(out)}
+    _peer_step(python, spec, out, f"{spec['peer']} {spec['mode']}", f"{spec['peer']}-{spec['mode']}.log")
     return out
 
 
@@ -185,12 +239,8 @@ def optimum_int8(python: Path, fp32_export: Path, log: Log) -> Path:
     if (out / "model_index.json").is_file():
         return out
     log(f"[optimum-int8] quantizing {fp32_export}/unet with optimum's ORTQuantizer -> {out}")
-    spec = out.with_name(out.name + ".spec.json")
-    spec.write_text(json.dumps({"peer": "optimum-int8", "mode": "quantize", "fp32_dir": str(fp32_export),
-                                "optimum_dir": str(out)}))
-    _run_quiet([str(python), str(_peer_script()), str(spec)], "optimum int8 quantization",
-               cache_dir() / "logs" / "optimum-int8.log")
-    spec.unlink()
+    _peer_step(python, {"peer": "optimum-int8", "mode": "quantize", "fp32_dir": str(fp32_export),
+                        "optimum_dir": str(out)}, out, "optimum int8 quantization", "optimum-int8.log")
     return out
 
 
@@ -241,6 +291,7 @@ def _normalize(raw: dict[str, Any], timeline: dict, t0: float, spec: dict[str, A
         "memory_timeline": timeline,
         "stages": [{"stage": s, "start_s": a - t0, "end_s": b - t0} for s, a, b in raw["stage_marks"]],
         "image": Path(spec["out_png"]).name,
+        "precision": raw.get("precision"),  # what the runtime itself says it computes in, where it says
     }
 
 

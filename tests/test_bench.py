@@ -139,18 +139,25 @@ def test_diffusers_int8_peer_runs_torch_dynamic_quantization(bundles, tmp_path):
     assert 15 < r["fidelity"]["image_vs_peers"]["diffusers-int8"]["psnr_db"] < 80
 
 
-def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
+def peer_cache(peer: str, cache: Path) -> dict:
+    """An environment for `edge bench` whose cache `cache` has the peer environment `peer` the harness made
+    (skip where it has not), and nothing else: the test's exports are its own."""
     from edge.bench_host import cache_dir
 
-    venv = cache_dir() / "peers" / "optimum"
+    venv = cache_dir() / "peers" / peer
     if not (venv / ".installed").is_file():
-        pytest.skip(f"the optimum peer's environment {venv} does not exist (creating it takes minutes: "
-                    "`edge bench BUNDLE --peers optimum` does it once)")
-    cache = tmp_path / "cache"
+        pytest.skip(f"the {peer} peer's environment {venv} does not exist (creating it takes minutes and "
+                    f"~1.6 GB: `edge bench BUNDLE --peers {peer}` does it once)")
     (cache / "peers").mkdir(parents=True)
-    (cache / "peers" / "optimum").symlink_to(venv)  # the venv, but exports go to this test's own cache
+    (cache / "peers" / peer).symlink_to(venv)
+    return {**os.environ, "EDGE_CACHE_DIR": str(cache)}
+
+
+def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
+    cache = tmp_path / "cache"
+    env = peer_cache("optimum", cache)
     proc = run_bench(bundles["folder-epsilon"], "--steps", "2", "--peers", "optimum,optimum-int8", "-o",
-                     tmp_path / "o", env={**os.environ, "EDGE_CACHE_DIR": str(cache)})
+                     tmp_path / "o", env=env)
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [run["name"] for run in r["runs"]] == ["edge", "optimum", "optimum-int8"]
@@ -170,7 +177,8 @@ def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
     (["--arch", "sd99", "--random-weights"], "unknown arch 'sd99'; available: sd15, sd21, sd21-base"),
     (["--arch", "sdxl", "--random-weights"], "not supported yet"),
     (["--arch", "sd15"], "needs --random-weights"),
-    (["BUNDLE", "--peers", "onnx"], "unknown peer(s) onnx; known: diffusers, optimum, diffusers-int8, optimum-int8"),
+    (["BUNDLE", "--peers", "onnx"],
+     "unknown peer(s) onnx; known: diffusers, optimum, openvino, diffusers-int8, optimum-int8, openvino-int8"),
     (["BUNDLE", "--memory-budget", "lots"], "is not a size"),
     (["compare", "nothing.json", "nothing2.json"], "no bench results at nothing.json"),
 ])
