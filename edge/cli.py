@@ -74,7 +74,7 @@ def _generate(a: argparse.Namespace) -> int:
     from edge.png import save_image
 
     pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
-                         compute_units=a.compute_units)
+                         compute_units=a.compute_units, inference_precision=a.inference_precision)
     image = None
     if (a.mask is not None or a.expand is not None) and a.image is None:
         raise ValueError("--mask and --expand repaint part of a picture: give it with --image")
@@ -343,7 +343,10 @@ def _add_generate(sub) -> None:
                    help="final decoder: the full VAE decoder, or the bundle's tiny autoencoder (faster, less detail)")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
                    "cores)")
-    g.add_argument("--backend", default="onnx", help="onnx, or coreml (macOS: the bundle's Core ML graphs)")
+    g.add_argument("--backend", default="onnx", help="onnx (onnxruntime), openvino (the same ONNX graphs on "
+                   "OpenVINO: pip install openvino), or coreml (macOS: the bundle's Core ML graphs)")
+    g.add_argument("--inference-precision", choices=("f32", "bf16", "f16"),
+                   help="OpenVINO: the precision it computes in (default: its choice for this CPU, bf16 with AMX)")
     g.add_argument("--compute-units", default="cpu_and_ne", help="Core ML: all, cpu_only, cpu_and_gpu, cpu_and_ne")
     g.add_argument("-o", "--output", default="out.png", type=_image_path,
                    help=f"image to write, in the format its extension names ({', '.join(FORMATS)}), with the "

@@ -60,7 +60,8 @@ class Pipeline:
     def load(cls, bundle: Path | str, *, threads: int | None = None, verify: bool = True,
              providers: list[str] | None = None, memory_arena: bool = False,
              memory_budget: str | int | None = None, preload: bool = True, backend: str = "onnx",
-             compute_units: str = "cpu_and_ne", optimization: str | None = None) -> "Pipeline":
+             compute_units: str = "cpu_and_ne", optimization: str | None = None,
+             inference_precision: str | None = None) -> "Pipeline":
         """Open a bundle; `verify` checks every graph's sha256 against the manifest before it is loaded.
 
         `memory_budget` ("4GB", "1.5GiB", bytes) plans every generate() to stay within it (see edge.plan):
@@ -71,15 +72,21 @@ class Pipeline:
         `optimization` is onnxruntime's graph optimisation level (see session_options): by default "all"
         without a budget (fastest) and "extended" under one (leaner; what the planner's figures assume).
         `backend="coreml"` runs the bundle's Core ML graphs on macOS (edge.coreml_backend; `compute_units`:
-        all, cpu_only, cpu_and_gpu, cpu_and_ne).
+        all, cpu_only, cpu_and_gpu, cpu_and_ne). `backend="openvino"` compiles the same ONNX graphs with OpenVINO
+        (edge.openvino_backend; `inference_precision`: None for OpenVINO's choice on this CPU, or f32/bf16/f16).
         """
         if backend == "coreml":
             from edge.coreml_backend import CoreMLPipeline
 
             return CoreMLPipeline.load_coreml(bundle, compute_units=compute_units, verify=verify,
                                               memory_budget=memory_budget, preload=preload)
+        if backend == "openvino":
+            from edge.openvino_backend import OpenVINOPipeline
+
+            return OpenVINOPipeline.load_openvino(bundle, threads=threads, verify=verify, memory_budget=memory_budget,
+                                                  preload=preload, inference_precision=inference_precision)
         if backend != "onnx":
-            raise ValueError(f"unknown backend {backend!r}; choose 'onnx' or 'coreml'")
+            raise ValueError(f"unknown backend {backend!r}; choose 'onnx', 'openvino' or 'coreml'")
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
         if not manifest.components:

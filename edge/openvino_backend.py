@@ -1,0 +1,118 @@
+"""Running a bundle's ONNX graphs on OpenVINO instead of onnxruntime, where OpenVINO is installed.
+
+`Pipeline.load(bundle, backend="openvino", inference_precision=None)` returns an `OpenVINOPipeline`: the same
+pipeline, each graph compiled by OpenVINO's CPU plugin from the very .onnx file onnxruntime would load (its ONNX
+front end reads onnxruntime's fused MultiHeadAttention too). OpenVINO picks its inference precision for the CPU:
+bf16 where the CPU has AMX or AVX-512 BF16, f32 elsewhere; `inference_precision="f32"` keeps full precision.
+On a CPU with AMX this is several times faster than onnxruntime's fp32 (benchmarks/RESULTS.md); bf16 changes the
+picture by ~40 dB, as OpenVINO's own pipelines do.
+
+The memory planner's figures are onnxruntime's measurements, so a memory budget is refused here rather than
+planned with numbers that do not describe this engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.bundle import Component, read_manifest
+from edge.pipeline import Pipeline
+
+PRECISIONS = ("f32", "bf16", "f16")
+
+
+class OpenVINOBackendError(ValueError):
+    """OpenVINO is not installed, or was asked for something this backend does not do."""
+
+
+@dataclass(frozen=True)
+class _Port:
+    name: str
+
+
+class _OpenVINOGraph:
+    """A compiled OpenVINO model with the `get_inputs` / `get_outputs` / `run` interface of onnxruntime sessions."""
+
+    def __init__(self, compiled, names: list[str], outputs: list[str]):
+        self.compiled, self._inputs, self._outputs = compiled, [_Port(n) for n in names], [_Port(n) for n in outputs]
+        self._request = compiled.create_infer_request()
+
+    def get_inputs(self) -> list[_Port]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Port]:
+        return self._outputs
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        wanted = [p.name for p in self._outputs] if outputs is None else outputs
+        return [np.array(result[self.compiled.output(name)]) for name in wanted]  # copies: the request reuses
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as e:
+        raise OpenVINOBackendError(f"the OpenVINO backend needs openvino ({e}): pip install "
+                                   "'edge-diffusion[openvino]' (or pip install openvino)") from None
+    return openvino
+
+
+class OpenVINOPipeline(Pipeline):
+    """Pipeline whose graphs OpenVINO compiles; everything else is the onnxruntime pipeline's."""
+
+    inference_precision: str | None = None
+    threads: int | None = None
+
+    @classmethod
+    def load_openvino(cls, bundle: Path | str, *, threads: int | None = None, verify: bool = True,
+                      memory_budget: str | int | None = None, preload: bool = True,
+                      inference_precision: str | None = None) -> "OpenVINOPipeline":
+        if inference_precision is not None and inference_precision not in PRECISIONS:
+            raise OpenVINOBackendError(f"unknown inference_precision {inference_precision!r}; choose one of "
+                                       f"{', '.join(PRECISIONS)}, or None (OpenVINO's choice for this CPU)")
+        if memory_budget is not None:
+            raise OpenVINOBackendError("a memory budget is planned with onnxruntime's measurements, which do not "
+                                       "describe OpenVINO: use backend='onnx' with a budget, or no budget here")
+        import_openvino()
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle)
+        if not manifest.components:
+            raise OpenVINOBackendError(f"{bundle} holds only Core ML graphs; OpenVINO runs the ONNX ones")
+        return cls._start(bundle, manifest, None, [], None, verify, preload, threads=threads,
+                          inference_precision=inference_precision)
+
+    def _new_session(self, component: Component, k: int) -> Any:
+        """Graph k compiled for the CPU (edge.graphs checks its files first)."""
+        ov = import_openvino()
+        core = ov.Core()
+        config: dict[str, Any] = {}
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        if self.inference_precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = self.inference_precision
+        path = self.bundle / component.graphs[k]
+        try:
+            compiled = core.compile_model(str(path), "CPU", config)
+        except RuntimeError as e:
+            raise OpenVINOBackendError(f"OpenVINO cannot compile {path.name} ({component.precision}): "
+                                       f"{str(e).splitlines()[0][:300]}; run this bundle with backend='onnx'") from None
+        names = [_onnx_name(p, component, "inputs") for p in compiled.inputs]
+        outputs = [_onnx_name(p, component, "outputs") for p in compiled.outputs]
+        return _OpenVINOGraph(compiled, names, outputs)
+
+    def precision_of(self, name: str) -> str:
+        """The precision OpenVINO runs a loaded component's first graph at (e.g. 'bf16')."""
+        session = self.graphs.open(name)[0]
+        return session.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+
+
+def _onnx_name(port, component: Component, side: str) -> str:
+    """The tensor's name as the ONNX graph (and so the pipeline) calls it: OpenVINO keeps every alias."""
+    names = port.get_names()
+    known = [t.name for t in getattr(component, side)] + [n for c in component.chunks for n in getattr(c, side)]
+    return next((n for n in known if n in names), port.get_any_name())
