@@ -34,7 +34,7 @@ class Bundle:
     name: str  # the folder's name: what requests and A1111's sd_model_checkpoint say
     path: Path
     manifest: Manifest
-    backend: str  # "onnx" or "coreml"
+    backend: str  # "onnx", "openvino" or "coreml"
 
     @property
     def inpainting(self) -> bool:

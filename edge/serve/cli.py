@@ -49,8 +49,8 @@ def add_serve_parser(sub) -> None:
                    "(default: none)")
     s.add_argument("--outputs", type=Path, default=Path("outputs"), help="gallery folder (default ./outputs)")
     s.add_argument("--memory-budget", type=_budget, help="stay within this much memory, e.g. 2GB (see `edge plan`)")
-    s.add_argument("--backend", choices=("onnx", "coreml"), help="default: coreml on macOS for bundles with Core ML "
-                   "graphs, else onnx")
+    s.add_argument("--backend", choices=("onnx", "openvino", "coreml"), help="default: coreml on macOS for bundles "
+                   "with Core ML graphs, else onnx; openvino: the ONNX graphs on OpenVINO (no --memory-budget)")
     s.add_argument("--compute-units", default="cpu_and_ne", help="Core ML: all, cpu_only, cpu_and_gpu, cpu_and_ne")
     s.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (default: all cores)")
     s.add_argument("--preview-every", type=count_arg("--preview-every", minimum=0), default=1, metavar="N",

@@ -36,7 +36,7 @@ class ServeConfig:
     outputs: Path = Path("outputs")  # the gallery
     threads: int | None = None  # onnxruntime intra-op threads; None: all cores
     memory_budget: str | None = None  # the pipeline's, e.g. "2GB" (edge.plan)
-    backend: str | None = None  # "onnx" or "coreml"; None: Core ML on macOS where a bundle has its graphs
+    backend: str | None = None  # "onnx", "openvino" or "coreml"; None: Core ML on macOS where a bundle has its graphs
     compute_units: str = "cpu_and_ne"  # Core ML only
     preview_every: int = 1  # a preview every N denoising steps
     limits: Limits = field(default_factory=Limits)
