@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
 import numpy as np
 
 from edge import Pipeline
-from edge.cpu import features
+from edge.cpu import cpu_model, features
 from edge.metrics import psnr
 
 PROMPTS = ["a red circle on a blue background", "a large yellow square on a black background",
            "a large green triangle on a white background", "a small white diamond on the left, red background"]
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -68,7 +59,7 @@ def main() -> None:
             report = evaluate_bundle(a.bundle, options={"cache_interval": n})
             rows[n]["scorer"] = {g: report[g] for g in ("all", "held_out", "seen", "two_object") if g in report}
         print(f"interval {n}: {rows[n]}", flush=True)
-    print(json.dumps({"cpu": cpu_name(), "features": features().describe(), "bundle": str(a.bundle),
+    print(json.dumps({"cpu": cpu_model(), "features": features().describe(), "bundle": str(a.bundle),
                       "size": [a.height, a.width], "steps": a.steps, "images": a.images, "intervals": rows},
                      indent=2))
 

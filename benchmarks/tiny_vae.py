@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edge import Pipeline
-from edge.cpu import features
+from edge.cpu import cpu_model, features
 from edge.metrics import psnr
 from edge.sessions import open_session
 
@@ -139,13 +138,6 @@ def sd15_size(repeat: int) -> dict:
     return {"size": [512, 512], "random_weights": True, **out}
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("build/default-bundle"))
@@ -158,7 +150,7 @@ def main() -> None:
     if a.grid is not None:
         grid(a.bundle, a.grid)
     cpu = features()
-    report = {"cpu": _cpu_name(), "features": cpu.describe(), "threads": "all cores",
+    report = {"cpu": cpu_model(), "features": cpu.describe(), "threads": "all cores",
               "default_model": default_model(a.bundle, a.images, a.steps)}
     if a.sd15:
         report["sd15_size"] = sd15_size(a.repeat)

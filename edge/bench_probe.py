@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from edge.cpu import features
+from edge.cpu import cpu_model, features
 from edge.memory import peak_rss_bytes, read_status
 
 SAMPLE_INTERVAL_S = 0.05
@@ -140,7 +138,7 @@ def system_info() -> dict:
     except AttributeError:  # macOS
         affinity = os.cpu_count()
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "cpus_available": affinity,
         "os": platform.platform(),
@@ -150,24 +148,6 @@ def system_info() -> dict:
         "hostname": platform.node(),
         "cpu_features": features().as_dict(),  # which int8 kernels onnxruntime takes here (edge.cpu)
     }
-
-
-def _cpu_model() -> str:
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True, timeout=5).stdout.strip() or platform.processor()
-        except (OSError, subprocess.SubprocessError):
-            return platform.processor()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    for key in ("model name", "Hardware", "Model", "cpu model"):  # x86, then ARM boards
-        match = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    return platform.processor() or "unknown"
 
 
 def _total_memory() -> int | None:

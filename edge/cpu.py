@@ -28,8 +28,10 @@ import ctypes
 import functools
 import mmap
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 # x86-64 System V: cpuid(leaf=edi, subleaf=esi, out=rdx) -> out[0:4] = eax, ebx, ecx, edx
 _CPUID_SYSV = bytes.fromhex("53" "4989d0" "89f8" "89f1" "0fa2" "418900" "41895804" "41894808" "4189500c" "5b" "c3")
@@ -192,3 +194,24 @@ def _proc_cpuinfo_flags() -> tuple[str, ...] | None:
 
 if __name__ == "__main__":
     print(features().describe())
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's marketing name where the OS tells it (lscpu's "Model name"; a Raspberry Pi's "Model"), for every
+    figure that must name the machine it was measured on."""
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or platform.processor()
+        except (OSError, subprocess.SubprocessError):
+            return platform.processor()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    for key in ("model name", "Model", "Hardware", "cpu model"):  # x86; Raspberry Pi; older ARM boards
+        for line in text.splitlines():
+            if line.split(":")[0].strip() == key:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"

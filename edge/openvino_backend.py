@@ -67,6 +67,7 @@ class OpenVINOPipeline(Pipeline):
 
     inference_precision: str | None = None
     threads: int | None = None
+    _core: Any = None
 
     @classmethod
     def load_openvino(cls, bundle: Path | str, *, threads: int | None = None, verify: bool = True,
@@ -88,8 +89,9 @@ class OpenVINOPipeline(Pipeline):
 
     def _new_session(self, component: Component, k: int) -> Any:
         """Graph k compiled for the CPU (edge.graphs checks its files first)."""
-        ov = import_openvino()
-        core = ov.Core()
+        if self._core is None:  # one Core for every graph: it holds the plugin and its thread pool
+            self._core = import_openvino().Core()
+        core = self._core
         config: dict[str, Any] = {}
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = self.threads

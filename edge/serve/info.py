@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import platform
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from edge.cpu import cpu_model
 from edge.memory import peak_rss_bytes, read_status
 from edge.plan import parse_bytes
 from edge.schedulers import SCHEDULERS
 from edge.serve.context import Server
-
-
-@functools.cache
-def cpu_model() -> str:
-    """The CPU's marketing name where the OS tells it (lscpu's "Model name"), else the architecture."""
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or platform.machine()
-        except (OSError, subprocess.SubprocessError):
-            return platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    for key in ("model name", "Model", "Hardware"):  # x86; Raspberry Pi ("Model: Raspberry Pi 5 ..."); older ARM
-        for line in text.splitlines():
-            if line.split(":")[0].strip() == key:
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def server_info(server: Server) -> dict[str, Any]:

@@ -115,8 +115,7 @@ class Runner:
         """The image as far as it got, as A1111 returns it on interrupt: the latest step's estimate of the clean
         latents decoded (the latents themselves where the pipeline keeps no estimate)."""
         req, m = job.request, pipe.manifest
-        denoised = getattr(pipe, "denoised", None)
-        image = pipe.decode((latents if denoised is None else denoised)[:1])
+        image = pipe.decode((latents if pipe.denoised is None else pipe.denoised)[:1])
         _tidy(pipe)
         f = m.vae_scale_factor
         params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed + k,
