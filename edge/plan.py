@@ -206,7 +206,8 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
         raise BudgetError(
             f"memory budget {format_bytes(budget)} cannot be met for {height}x{width}"
             f"{f' x{num_images}' if num_images > 1 else ''}: the smallest plan needs "
-            f"{format_bytes(_round_up(smallest / (1 - HEADROOM)))} ({worst[0]} stage, with "
+            f"{format_bytes(_round_up(smallest / (1 - HEADROOM)))} ({worst[0]} stage"
+            f"{f' on top of the {format_bytes(base)} this process already holds' if base else ''}, with "
             f"{HEADROOM:.0%} headroom for the estimate; "
             f"{'a split UNet (--split-unet) or ' if not chunked else ''}a lower precision bundle needs less)")
     (batch, keep, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
