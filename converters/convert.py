@@ -94,9 +94,9 @@ class Options:
                                f"{','.join(self.quantize_ops)} has no Conv")
         if self.split_unet is not None and self.max_chunk_mb is not None:
             raise ConvertError("give --split-unet N or --max-chunk-mb M, not both")
-        if self.deep_cache and (self.split_unet is not None or self.max_chunk_mb is not None):
-            raise ConvertError("--deep-cache cuts the UNet in 3 chunks of its own (head, deep part, tail); it "
-                               "cannot be combined with --split-unet or --max-chunk-mb yet")
+        if self.deep_cache and self.split_unet is not None and self.split_unet < 3:
+            raise ConvertError(f"--split-unet {self.split_unet} with --deep-cache: DeepCache cuts the UNet in 3 "
+                               "parts (head, deep part, tail) of its own; expected 3 chunks or more")
         if self.split_unet is not None and self.split_unet < 1:
             raise ConvertError(f"--split-unet {self.split_unet}: expected a number of chunks >= 1")
         if self.max_chunk_mb is not None and self.max_chunk_mb <= 0:
@@ -210,8 +210,9 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             at = deep_cache_scopes(pipe.unet.config) if options.deep_cache else None
             chunks, files = _split(path, feeds, options, external_data_over, at)
             record["split"] = {"chunks": len(chunks), "psnr_vs_whole_db": chunks[0].pop("psnr_vs_whole_db")}
+            parts = [c.pop("part") for c in chunks]
             if at is not None:
-                record["deep_cache"] = deep_cache_record(chunks, at)
+                record["deep_cache"] = deep_cache_record(chunks, parts, at)
         components[spec.name] = {
             "file": files[0].name,
             "files": {f.name: sha256_file(f) for f in files},
@@ -361,7 +362,7 @@ def _split(path: Path, feeds: dict, options: Options, external_data_over: int,
     """Cut the UNet graph at `path` into chunks beside it (at the scopes `at`, or balanced by weight), check the
     chain against it, drop the whole graph."""
     max_bytes = None if options.max_chunk_mb is None else int(options.max_chunk_mb * 1e6)
-    chunks = split_graph(path, path.parent, n=None if at else options.split_unet, max_chunk_bytes=max_bytes,
+    chunks = split_graph(path, path.parent, n=options.split_unet, max_chunk_bytes=max_bytes,
                          at=at, prefix="unet", external_data_over=external_data_over)
     from edge.sessions import open_session
 

@@ -36,36 +36,53 @@ def split_graph(
     prefix: str = "unet",
     external_data_over: int = ONE_FILE_LIMIT,
 ) -> list[dict]:
-    """Write `model_path` as `n` chunks, or as the fewest whose weights each fit `max_chunk_bytes`, or cut before
-    the first node of each scope in `at` (node-name prefixes such as "/unet/up_blocks.1/", in graph order: the
-    cuts DeepCache skips between).
+    """Write `model_path` as `n` chunks, or as the fewest whose weights each fit `max_chunk_bytes`; `at` cuts
+    before the first node of each scope it names (node-name prefixes such as "/unet/up_blocks.1/", in graph
+    order: the cuts DeepCache skips between), alone or with `n` / `max_chunk_bytes`, which then cut the parts
+    between those scopes further (n chunks in all, shared out by weight).
 
     Files are `out_dir/{prefix}_chunk{i}.onnx`. Returns per chunk, in run order: file, files (with external
     data), inputs and outputs ({name, dtype, shape}; shape entries are ints or named dynamic dims, which
     onnx shape inference calls `unk__N` where it cannot carry a name through an op),
-    graph_outputs (the original outputs it makes), weight_bytes and nodes.
+    graph_outputs (the original outputs it makes), weight_bytes, nodes, and part (which of the parts between
+    the `at` scopes it belongs to; 0 without them).
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
-    if sum(x is not None for x in (n, max_chunk_bytes, at)) != 1:
-        raise ValueError(f"split_graph: give exactly one of n, max_chunk_bytes or at (got n={n}, "
+    if (n is not None and max_chunk_bytes is not None) or (n is None and max_chunk_bytes is None and at is None):
+        raise ValueError(f"split_graph: give n or max_chunk_bytes, at, or at with one of them (got n={n}, "
                          f"max_chunk_bytes={max_chunk_bytes}, at={at})")
     model = onnx.load(str(model_path), load_external_data=False)  # weights are read chunk by chunk
     plan = _Plan(model)
-    if at is not None:
-        cuts = plan.scope_cuts(at, model_path.name)
-    elif n is not None:
-        if not 1 <= n <= len(plan.nodes):
-            raise ValueError(f"split_graph: n={n}; {model_path.name} can be cut into 1..{len(plan.nodes)} chunks")
-        cuts = plan.cuts(n)
+    parts = [0, *(plan.scope_cuts(at, model_path.name) if at else []), len(plan.nodes)]
+    spans = list(zip(parts, parts[1:]))
+    if n is not None:
+        if not len(spans) <= n <= len(plan.nodes):
+            raise ValueError(f"split_graph: n={n}; {model_path.name} can be cut into {len(spans)}.."
+                             f"{len(plan.nodes)} chunks")
+        counts = _share(plan, spans, n)
+        cuts = [c for (lo, hi), k in zip(spans, counts) for c in [*plan.cuts(k, lo, hi), hi]][:-1]
+    elif max_chunk_bytes is not None:
+        cuts = [c for lo, hi in spans for c in [*_fit(plan, max_chunk_bytes, model_path.name, lo, hi), hi]][:-1]
     else:
-        cuts = _fit(plan, max_chunk_bytes, model_path.name)
+        cuts = parts[1:-1]
     out_dir.mkdir(parents=True, exist_ok=True)
     bounds = [0, *cuts, len(plan.nodes)]
     return [
         _write_chunk(model, plan, bounds[i], bounds[i + 1], out_dir / f"{prefix}_chunk{i}.onnx",
-                     model_path.parent, external_data_over)
+                     model_path.parent, external_data_over) | {"part": sum(p <= bounds[i] for p in parts[1:-1])}
         for i in range(len(bounds) - 1)
     ]
+
+
+def _share(plan: "_Plan", spans: Sequence[tuple[int, int]], n: int) -> list[int]:
+    """How many of n chunks each span gets: one each, the rest one at a time to the span whose chunks are heaviest
+    (never more chunks than a span has nodes)."""
+    counts = [1] * len(spans)
+    for _ in range(n - len(spans)):
+        open_ = [i for i, (lo, hi) in enumerate(spans) if counts[i] < hi - lo]
+        i = max(open_, key=lambda i: (plan.cum[spans[i][1]] - plan.cum[spans[i][0]]) / counts[i])
+        counts[i] += 1
+    return counts
 
 
 def run_chunks(chunks: Sequence[dict], feeds: dict[str, np.ndarray], folder: Path | str) -> dict[str, np.ndarray]:
@@ -99,7 +116,8 @@ class _Plan:
         for k, node in enumerate(self.all):
             if all(i == "" or i in self.inits or i in self.const_producer for i in self.reads[k]):
                 self.const_producer.update({o: k for o in node.output})
-        self.nodes = [k for k, node in enumerate(self.all) if node.output[0] not in self.const_producer]
+        computing = [k for k, node in enumerate(self.all) if node.output[0] not in self.const_producer]
+        self.nodes = _along(self.all, self.reads, computing, model.graph.input[0].name)
         self.types = _value_types(model)
 
         made_at = {o: i for i, k in enumerate(self.nodes) for o in self.all[k].output}
@@ -165,27 +183,32 @@ class _Plan:
             cuts.append(found[0])
         return cuts
 
-    def cuts(self, n: int) -> list[int]:
-        """n - 1 cut positions: near k/n of the weights, fewest crossing tensors, then nearest, then earliest."""
-        share = self.cum[-1] / n
+    def cuts(self, n: int, lo: int = 0, hi: int | None = None) -> list[int]:
+        """n - 1 cut positions between positions lo and hi: near k/n of the weights there, fewest crossing
+        tensors, then nearest, then earliest."""
+        hi = len(self.nodes) if hi is None else hi
+        share = (self.cum[hi] - self.cum[lo]) / n
         cuts: list[int] = []
         for k in range(1, n):
-            lo, hi = (cuts[-1] if cuts else 0) + 1, len(self.nodes) - (n - k)  # leave a node for each chunk
-            positions = np.arange(lo, hi + 1)
-            distance = np.abs(self.cum[positions] - k * share)
+            first, last = (cuts[-1] if cuts else lo) + 1, hi - (n - k)  # leave a node for each chunk
+            positions = np.arange(first, last + 1)
+            target = self.cum[lo] + k * share
+            distance = np.abs(self.cum[positions] - target)
             window = positions[distance <= max(WINDOW * share, distance.min())]
-            cuts.append(int(min(window, key=lambda p: (self.crossing[p], abs(self.cum[p] - k * share), p))))
+            cuts.append(int(min(window, key=lambda p: (self.crossing[p], abs(self.cum[p] - target), p))))
         return cuts
 
 
-def _fit(plan: _Plan, max_chunk_bytes: int, name: str) -> list[int]:
-    biggest = max(plan.chunk_bytes(i, i + 1) for i in range(len(plan.nodes)))
+def _fit(plan: _Plan, max_chunk_bytes: int, name: str, lo: int = 0, hi: int | None = None) -> list[int]:
+    """The fewest cuts between positions lo and hi that leave every chunk's weights within max_chunk_bytes."""
+    hi = len(plan.nodes) if hi is None else hi
+    biggest = max(plan.chunk_bytes(i, i + 1) for i in range(lo, hi))
     if max_chunk_bytes < biggest:
         raise ValueError(f"split_graph: max_chunk_bytes={max_chunk_bytes} is below the {biggest} bytes of the "
                          f"largest single node of {name}; no split fits")
-    for n in range(max(1, math.ceil(plan.cum[-1] / max_chunk_bytes)), len(plan.nodes) + 1):
-        cuts = plan.cuts(n)
-        bounds = [0, *cuts, len(plan.nodes)]
+    for n in range(max(1, math.ceil((plan.cum[hi] - plan.cum[lo]) / max_chunk_bytes)), hi - lo + 1):
+        cuts = plan.cuts(n, lo, hi)
+        bounds = [lo, *cuts, hi]
         if all(plan.chunk_bytes(a, b) <= max_chunk_bytes for a, b in zip(bounds, bounds[1:])):
             return cuts
     raise AssertionError("one node per chunk always fits")
@@ -232,6 +255,28 @@ def _write_chunk(model: onnx.ModelProto, plan: _Plan, start: int, stop: int, pat
         "weight_bytes": weight_bytes,
         "nodes": len(nodes),
     }
+
+
+def _along(nodes: Sequence[onnx.NodeProto], reads: Sequence[list[str]], order: list[int], stream: str) -> list[int]:
+    """`order` re-sorted so that nodes which do not depend on the `stream` input (the UNet's sample) sit just
+    before their first reader, and the rest keep their order: a cut before a block's first node then has all the
+    block's work after it. onnxruntime's quantizer moves work on the other inputs to the front of the graph
+    (every cross-attention key and value of encoder_hidden_states), where a scope cut would leave it behind."""
+    on_stream = {stream}
+    depends = {}
+    for k in order:
+        depends[k] = any(i in on_stream for i in reads[k])
+        if depends[k] and nodes[k].op_type not in ("Shape", "Size"):  # the time embedding reads the batch size
+            on_stream.update(nodes[k].output)
+    readers: dict[str, list[int]] = {}
+    for k in order:
+        for i in reads[k]:
+            readers.setdefault(i, []).append(k)
+    key: dict[int, float] = {}
+    for k in reversed(order):  # a reader's key is known before its producer's (the order is topological)
+        later = [key[r] for o in nodes[k].output for r in readers.get(o, ()) if r in key]
+        key[k] = float(k) if depends[k] or not later else min(later) - 0.5
+    return sorted(order, key=lambda k: (key[k], k))
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:

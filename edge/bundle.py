@@ -49,7 +49,7 @@ class Component:
     attention: dict[str, Any] = field(default_factory=dict)  # {"kernel", "chunk"} the graph was exported with
     quantization: dict[str, Any] = field(default_factory=dict)  # what was stored lower, PSNR vs fp32
     fidelity: dict[str, Any] = field(default_factory=dict)  # a stand-in's closeness to what it replaces (tiny VAE)
-    deep_cache: dict[str, Any] = field(default_factory=dict)  # {"skip_chunk", "cached"}: the UNet's DeepCache cut
+    deep_cache: dict[str, Any] = field(default_factory=dict)  # {"skip_chunks", "cached"}: the UNet's DeepCache cut
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -122,7 +122,7 @@ def _component(name: str, d: dict[str, Any]) -> Component:
         attention=dict(d.get("attention", {})),
         quantization=dict(d.get("quantization", {})),
         fidelity=dict(d.get("fidelity", {})),
-        deep_cache=dict(d.get("deep_cache", {})),
+        deep_cache=_deep_cache(d.get("deep_cache", {})),
     )
 
 
@@ -172,6 +172,14 @@ def _older_scheduler(scheduler: dict[str, Any]) -> dict[str, Any]:
     clip_sample; the runtime then took it as false, where diffusers' DDIM takes true. They keep sampling as
     they did. (New bundles record only what the model states, and each sampler fills in its diffusers default.)"""
     return {"clip_sample": False, **scheduler}
+
+
+def _deep_cache(d: dict[str, Any]) -> dict[str, Any]:
+    """Bundles cut for DeepCache before the deep part could be several chunks name one: `skip_chunk`."""
+    d = dict(d)
+    if "skip_chunk" in d and "skip_chunks" not in d:
+        d["skip_chunks"] = [d["skip_chunk"]]
+    return d
 
 
 def _older_files(d: dict[str, Any]) -> dict[str, str]:

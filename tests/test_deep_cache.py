@@ -20,19 +20,76 @@ from edge.plan import Plan
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(scope="module")
-def cut(models, tmp_path_factory):
+CUTS = {"3 chunks": (), "5 chunks": ("--split-unet", "5")}  # DeepCache's own cut; its parts cut further
+
+
+@pytest.fixture(scope="module", params=list(CUTS))
+def cut(request, models, tmp_path_factory):
     out = tmp_path_factory.mktemp("deep-cache") / "bundle"
-    run_edge("convert", models["folder-epsilon"], "--deep-cache", "-o", out)
+    run_edge("convert", models["folder-epsilon"], "--deep-cache", *CUTS[request.param], "-o", out)
     return out
 
 
 def test_manifest_records_the_cut(cut):
     unet = json.loads((cut / "manifest.json").read_text())["components"]["unet"]
-    assert len(unet["chunks"]) == 3 and unet["split"]["psnr_vs_whole_db"] >= 60
-    deep = unet["deep_cache"]
-    assert deep["skip_chunk"] == 1 and deep["cut_before"] == ["/unet/down_blocks.1/", "/unet/up_blocks.1/"]
-    assert deep["cached"] and all(n in {t["name"] for t in unet["chunks"][2]["inputs"]} for n in deep["cached"])
+    chunks, deep = unet["chunks"], unet["deep_cache"]
+    assert len(chunks) in (3, 5) and unet["split"]["psnr_vs_whole_db"] >= 60
+    assert deep["cut_before"] == ["/unet/down_blocks.1/", "/unet/up_blocks.1/"]
+    skip = deep["skip_chunks"]
+    assert skip == list(range(skip[0], skip[-1] + 1)) and 0 < skip[0] and skip[-1] < len(chunks) - 1
+    if len(chunks) == 3:
+        assert skip == [1] and deep["skip_chunk"] == 1  # what runtimes before skip_chunks read
+    else:
+        assert len(skip) >= 2 and "skip_chunk" not in deep  # the deep part holds most weights: most chunks
+    # what a cached step reuses: every tensor the chunks after the deep part read from it, and nothing else
+    after = {t["name"] for c in chunks[skip[-1] + 1:] for t in c["inputs"]}
+    made = {t["name"] for k in skip for t in chunks[k]["outputs"]}
+    assert deep["cached"] and set(deep["cached"]) == made & after
+
+
+def _scopes(bundle, k):
+    import onnx
+
+    model = onnx.load(str(bundle / f"unet_chunk{k}.onnx"), load_external_data=False)
+    return {n.name.split("/")[2] for n in model.graph.node if n.name.startswith("/unet/")}
+
+
+@pytest.fixture(scope="module")
+def int8_cut(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deep-cache-int8") / "bundle"
+    run_edge("convert", models["folder-epsilon"], "--deep-cache", "--precision", "int8", "--no-tiled-vae",
+             "--no-memory-profile", "-o", out)
+    return out
+
+
+def test_int8_bundle_caches_the_deep_part(cut, int8_cut):
+    """onnxruntime's quantizer moves every node that reads only encoder_hidden_states or the timestep (the
+    cross-attention keys and values, the time projections) to the front of the graph; the cut still puts each
+    block's work in its own part, and a cached int8 step is the cached fp32 step, quantised."""
+    out = int8_cut
+    head, deep, tail = _scopes(out, 0), _scopes(out, 1), _scopes(out, 2)
+    assert "down_blocks.1" not in head and "mid_block" not in head and not any(s.startswith("up_") for s in head)
+    assert "mid_block" in deep and "down_blocks.0" not in deep and "up_blocks.1" not in deep
+    assert "mid_block" not in tail and "down_blocks.1" not in tail
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    int8 = Pipeline.load(out)
+    plain = int8.generate(PROMPT, steps=9, latents=latents)
+    cached = int8.generate(PROMPT, steps=9, latents=latents, cache_interval=3)
+    assert psnr(plain.latents, cached.latents) < 80  # the cache was used
+    fp32 = Pipeline.load(cut).generate(PROMPT, steps=9, latents=latents, cache_interval=3)
+    assert psnr(fp32.latents, cached.latents) >= 35
+
+
+def test_older_bundles_name_one_skipped_chunk(cut):
+    """A manifest written before the deep part could be several chunks reads as the same cut."""
+    from edge.bundle import parse_manifest
+
+    data = json.loads((cut / "manifest.json").read_text())
+    dc = data["components"]["unet"]["deep_cache"]
+    if len(dc["skip_chunks"]) > 1:
+        pytest.skip("only a single deep chunk was ever written as skip_chunk")
+    del dc["skip_chunks"]
+    assert parse_manifest(data, "old").components["unet"].deep_cache["skip_chunks"] == [1]
 
 
 def test_interval_one_is_the_uncut_unet(cut, bundles):
@@ -98,6 +155,31 @@ def test_two_batch_one_calls_keep_a_cache_each(cut):
     assert one.params["cache_interval"] == 3
 
 
+def test_streamed_chunks_cache_the_same_and_skip_loading_the_deep_part(cut):
+    """With the UNet's chunks loaded for every call (the smallest budgets), a cached step neither runs nor loads
+    the deep part, and the image is the resident one's."""
+    class Streamed(Pipeline):
+        loads: list[int] = []
+
+        def plan_for(self, height, width, num_images=1, guided=True, image=False, decoder="full"):
+            return Plan(None, resident=False, guidance_batch=2, unet_per_call=True, vae_tile=None, vae_overlap=0,
+                        base=0, unet_keep=0)
+
+        def _new_session(self, component, k):
+            if component.name == "unet":
+                self.loads.append(k)
+            return super()._new_session(component, k)
+
+    resident = Pipeline.load(cut).generate(PROMPT, steps=6, seed=4, cache_interval=3)
+    pipe = Streamed.load(cut)
+    streamed = pipe.generate(PROMPT, steps=6, seed=4, cache_interval=3)
+    assert psnr(resident.latents, streamed.latents) >= 100
+    chunks = len(pipe.manifest.components["unet"].graphs)
+    skip = pipe.manifest.components["unet"].deep_cache["skip_chunks"]
+    full, cached = 2, 4  # steps 0 and 3 run the whole UNet
+    assert sorted(pipe.loads) == sorted(list(range(chunks)) * full + [k for k in range(chunks) if k not in skip] * cached)
+
+
 def test_bad_cache_arguments(cut, bundles, models, tmp_path):
     proc = run_edge("generate", bundles["folder-epsilon"], PROMPT, "--cache-interval", "3", "-o", tmp_path / "a.png",
                     check=False)
@@ -106,7 +188,7 @@ def test_bad_cache_arguments(cut, bundles, models, tmp_path):
     assert proc.returncode == 2 and "--cache-interval" in proc.stderr
     proc = run_edge("convert", models["folder-epsilon"], "--deep-cache", "--split-unet", "2", "-o", tmp_path / "c",
                     check=False)
-    assert proc.returncode == 2 and "cannot be combined" in proc.stderr and not (tmp_path / "c").exists()
+    assert proc.returncode == 2 and "expected 3 chunks or more" in proc.stderr and not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="cache_interval must be a whole number"):
         Pipeline.load(cut, preload=False).generate(PROMPT, steps=2, cache_interval=1.5)
 

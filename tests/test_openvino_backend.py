@@ -27,6 +27,23 @@ def test_f32_is_onnxruntime_s_image(bundles):
     assert psnr(ref.latents, chosen.generate(PROMPT, steps=4, latents=latents).latents) >= 25
 
 
+def test_each_shape_is_compiled_for_its_call(bundles):
+    """Graphs are compiled for the shapes they are called with: another size, or guidance off (batch 1), gets a
+    graph of its own, and each computes what onnxruntime does."""
+    ref = Pipeline.load(bundles["folder-epsilon"])
+    ov = Pipeline.load(bundles["folder-epsilon"], backend="openvino", inference_precision="f32")
+    for shape, guidance in (((1, 4, 8, 8), 7.5), ((1, 4, 6, 10), 7.5), ((1, 4, 6, 10), 1.0), ((1, 4, 8, 8), 7.5)):
+        latents = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+        size = {"height": 8 * shape[2], "width": 8 * shape[3]}
+        want = ref.generate(PROMPT, steps=3, latents=latents, guidance=guidance, **size)
+        got = ov.generate(PROMPT, steps=3, latents=latents, guidance=guidance, **size)
+        assert psnr(want.latents, got.latents) >= 60
+        unet = ov.graphs.open("unet")[0]
+        assert unet.compiled.input("sample").get_partial_shape().is_static  # compiled for this call's shape
+        batch = 2 if guidance > 1 else 1
+        assert tuple(unet.compiled.input("sample").get_shape()) == (batch, *shape[1:])
+
+
 def test_cli_and_refusals(bundles, tmp_path):
     out = tmp_path / "ov.png"
     run_edge("generate", bundles["folder-epsilon"], PROMPT, "--steps", "2", "--backend", "openvino",

@@ -124,13 +124,40 @@ def test_quantized_and_external_data_graphs_split_too(unet, tmp_path):
 
 
 def test_bad_arguments_are_named(unet, tmp_path):
-    with pytest.raises(ValueError, match="exactly one of n, max_chunk_bytes or at"):
+    with pytest.raises(ValueError, match="give n or max_chunk_bytes, at, or at with one of them"):
         split_graph(unet, tmp_path, n=2, max_chunk_bytes=10**6)
-    with pytest.raises(ValueError, match="exactly one of n, max_chunk_bytes or at"):
+    with pytest.raises(ValueError, match="give n or max_chunk_bytes, at, or at with one of them"):
         split_graph(unet, tmp_path)
+    with pytest.raises(ValueError, match=r"n=2; unet.onnx can be cut into 3\.\.\d+ chunks"):  # 3 parts at least
+        split_graph(unet, tmp_path, n=2, at=["/unet/down_blocks.1/", "/unet/up_blocks.1/"])
     with pytest.raises(ValueError, match="no computing node in scope '/unet/up_blocks.9/'"):
         split_graph(unet, tmp_path, at=["/unet/down_blocks.1/", "/unet/up_blocks.9/"])
     with pytest.raises(ValueError, match="after the previous cut"):  # scopes out of graph order
         split_graph(unet, tmp_path, at=["/unet/up_blocks.1/", "/unet/down_blocks.1/"])
     with pytest.raises(ValueError, match=r"n=0; unet.onnx can be cut into 1\.\.\d+ chunks"):
         split_graph(unet, tmp_path, n=0)
+
+
+@pytest.mark.parametrize("how", [{"n": 6}, {"max_chunk_bytes": "third"}])
+def test_scopes_with_more_chunks_cut_each_part(unet, tmp_path, how):
+    """`at` with n or max_chunk_bytes: the scope cuts stay, the parts between them are cut further, each chunk
+    says which part it belongs to, and the chain is the whole graph."""
+    at = ["/unet/down_blocks.1/", "/unet/up_blocks.1/"]
+    plain = split_graph(unet, tmp_path / "plain", at=at)
+    if how.get("max_chunk_bytes") == "third":
+        how = {"max_chunk_bytes": max(c["weight_bytes"] for c in plain) // 3 + 1}
+    chunks = split_graph(unet, tmp_path / "more", at=at, **how)
+    parts = [c["part"] for c in chunks]
+    assert parts == sorted(parts) and set(parts) == {0, 1, 2} and len(chunks) > 3
+    assert [c["part"] for c in plain] == [0, 1, 2]
+    if "n" in how:
+        assert len(chunks) == how["n"]
+        heaviest = max(range(3), key=lambda p: plain[p]["weight_bytes"])
+        assert parts.count(heaviest) >= 2  # the extra chunks go where the weights are
+    else:
+        assert all(c["weight_bytes"] <= how["max_chunk_bytes"] for c in chunks)
+    # each part's chunks hold exactly the part's nodes, as the scope cut alone made it
+    assert [sum(c["nodes"] for c in chunks if c["part"] == p) for p in range(3)] == [c["nodes"] for c in plain]
+    x = unet_feeds(8, 6)
+    whole = run_chunks(plain, x, tmp_path / "plain")["noise_pred"]
+    assert psnr(whole, run_chunks(chunks, x, tmp_path / "more")["noise_pred"]) >= 100

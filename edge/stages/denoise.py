@@ -5,7 +5,7 @@ Where ControlNet would add its residuals: `unet_call`'s `env` (the chunks' share
 that reads them.
 
 DeepCache (converters/deep_cache.py): with `cache_interval` N > 1 on a bundle cut for it, every N-th step runs
-the whole UNet and keeps its deep feature; the steps between skip the deep chunk and reuse it.
+the whole UNet and keeps its deep feature; the steps between skip the deep chunk (or chunks) and reuse it.
 """
 
 from __future__ import annotations
@@ -39,18 +39,17 @@ def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, c
     sessions = graphs.open("unet", keep)  # the resident chunks; the others load for this call only
     chunks = component.chunks or (None,)
     last_use = {n: k for k, c in enumerate(component.chunks) for n in c.inputs}
-    deep = component.deep_cache.get("skip_chunk") if cache is not None else None
+    deep = set(component.deep_cache.get("skip_chunks", ())) if cache is not None else set()
     for k, chunk in enumerate(chunks):
-        if k == deep and reuse:
-            env.update(cache)  # the deep feature of the last full step
+        if k in deep and reuse:
+            env.update(cache)  # the deep features of the last full step
             continue
         session = sessions[k] if k < keep else graphs.load(component, k)
         names = [o.name for o in session.get_outputs()]
         feeds = {i.name: env[i.name] for i in session.get_inputs()}
         env.update(zip(names, session.run(names, feeds)))
-        if k == deep:
-            cache.clear()
-            cache.update({n: env[n] for n in component.deep_cache["cached"]})
+        if k in deep:  # this step's deep features, for the cached steps that follow
+            cache.update({n: env[n] for n in component.deep_cache["cached"] if n in names})
         del session, feeds
         if chunk is not None:  # drop what no later chunk reads
             env = {n: v for n, v in env.items() if last_use.get(n, -1) > k or n == "noise_pred"}
