@@ -3,7 +3,8 @@
 # bundles against its fp32 bundle, the fp32 peers (diffusers on torch, optimum's ONNX Runtime pipeline,
 # optimum-intel's OpenVINO pipeline at the precision OpenVINO picks) and their int8 (torch's dynamic quantization
 # of the UNet's Linear layers; optimum's ORTQuantizer with its avx512_vnni config; OpenVINO's 8-bit weight
-# compression), each in its own process, same latents. One results folder per run under $OUT.
+# compression) and stable-diffusion.cpp's q8_0 and q4_0 gguf weights, each in its own process, same latents
+# (sd.cpp: its own noise). One results folder per run under $OUT.
 #
 #   fp32      edge convert MODEL                                   (the peers run beside it)
 #   int8      edge convert MODEL --precision int8 --quantize-ops MatMul,Gemm,Conv
@@ -44,7 +45,7 @@ for variant in $VARIANTS; do
     if [[ $variant == fp32 ]]; then
         bench fp32 "sd15-fp32-${STEPS}steps" --peers diffusers,optimum,openvino
     elif [[ $variant == int8s ]]; then  # against what the peers' own tools make of int8
-        bench int8s "sd15-int8s-${STEPS}steps" --peers diffusers-int8,optimum-int8,openvino-int8
+        bench int8s "sd15-int8s-${STEPS}steps" --peers diffusers-int8,optimum-int8,openvino-int8,sdcpp-q8_0,sdcpp-q4_0
     else
         bench "$variant" "sd15-$variant-${STEPS}steps" --no-peers
     fi

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edge.bench_host import (AUTO_PEERS, PEERS, BenchError, arch_bundle, openvino_export, openvino_python,
-                             optimum_export, optimum_int8, optimum_python, peer_model, ratios, run_peer)
+                             optimum_export, optimum_int8, optimum_python, peer_model, ratios, run_peer,
+                             sdcpp_problem, sdcpp_python, sdcpp_spec)
 from edge.bench_probe import system_info
 from edge.bench_run import measure_edge
 from edge.plan import parse_bytes
@@ -61,7 +62,7 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
 
     skipped: dict[str, str] = {}
     ready = _prepare_peers(wanted, explicit, model if peer_model_dir is None else peer_model_dir, manifest.source,
-                           skipped, log)
+                           skipped, log, scheduler=scheduler)
     run = measure_edge(Path(bundle), prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                        scheduler=scheduler, seed=seed, height=height, width=width, repeat=repeat, threads=threads,
                        image_path=out / "edge.png", latents_path=out / "latents.npy", log=log,
@@ -71,7 +72,7 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
     runs = [run]
     spec = {"model": None, "optimum_dir": None, "openvino_dir": None, "threads": threads, "scheduler": scheduler, "prompt": prompt,
             "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance, "height": height,
-            "width": width, "repeat": repeat, "latents": str((out / "latents.npy").resolve())}
+            "width": width, "repeat": repeat, "latents": str((out / "latents.npy").resolve()), "seed": seed}
     for peer, (python, peer_spec) in ready.items():
         runs.append(run_peer(peer, python, {**spec, **peer_spec}, out, log))
         if not runs[-1]["ok"]:
@@ -135,7 +136,7 @@ def _parse_peers(peers: str) -> tuple[set[str], bool]:
 
 
 def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source: dict, skipped: dict[str, str],
-                   log: Log) -> dict[str, tuple[Path, dict]]:
+                   log: Log, scheduler: str = "euler") -> dict[str, tuple[Path, dict]]:
     """Each wanted peer's Python and model, set up before edge is measured so a failure shows up at once.
     Explicitly asked peers that cannot run are errors; in 'auto' they are skipped with the reason."""
     ready: dict[str, tuple[Path, dict]] = {}
@@ -147,13 +148,15 @@ def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source:
             reason = f"no diffusers model for the peers: {why}"
         elif peer.startswith("diffusers") and importlib.util.find_spec("diffusers") is None:
             reason = "diffusers is not installed in this environment (pip install 'edge-diffusion[convert]')"
+        elif peer.startswith("sdcpp"):
+            reason = sdcpp_problem(folder, scheduler)  # before its build: the model or sampler it cannot run
         else:
             reason = ""
         python = None
         if not reason and peer.startswith("diffusers"):
             python = Path(sys.executable)
         elif not reason:
-            make = openvino_python if peer.startswith("openvino") else optimum_python
+            make = {"openvino": openvino_python, "sdcpp": sdcpp_python}.get(peer.split("-")[0], optimum_python)
             python, reason = make(create=explicit, log=log)
         if reason:
             if explicit:
@@ -168,6 +171,8 @@ def _prepare_peers(wanted: set[str], explicit: bool, model: Path | None, source:
             spec["optimum_dir"] = str(optimum_int8(python, Path(spec["optimum_dir"]), log))
         if peer.startswith("openvino"):
             spec["openvino_dir"] = str(openvino_export(python, folder, peer == "openvino-int8", log))
+        if peer.startswith("sdcpp"):
+            spec = sdcpp_spec(python, folder, peer, scheduler, log)
         ready[peer] = (python, spec)
     return ready
 
@@ -204,7 +209,7 @@ def _image_fidelity(out: Path, runs: list[dict]) -> dict[str, dict]:
     ours = np.asarray(Image.open(out / "edge.png").convert("RGB"), dtype=np.float64)
     found = {}
     for r in runs[1:]:
-        if r["ok"] and (out / r["image"]).is_file():
+        if r["ok"] and r.get("same_latents", True) and (out / r["image"]).is_file():
             theirs = np.asarray(Image.open(out / r["image"]).convert("RGB"), dtype=np.float64)
             if theirs.shape == ours.shape:
                 found[r["name"]] = {"psnr_db": psnr(theirs, ours, peak=255.0),

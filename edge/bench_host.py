@@ -1,6 +1,6 @@
 """Host-side work of `edge bench`, each piece in a child process so this one never imports torch and its own
 memory figures stay clean: building a published architecture with random weights and converting it
-(cached), the optimum peer's virtual environment and ONNX export (cached), and the peer runs themselves.
+(cached), the peers' virtual environments and their exports (cached), and the peer runs themselves.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from typing import Any, Callable
 from edge.bench_probe import run_child, summarize
 
 Log = Callable[[str], None]
-# The int8 peers are what each library's own tools give without calibration; run only when asked for.
-PEERS = ("diffusers", "optimum", "openvino", "diffusers-int8", "optimum-int8", "openvino-int8")
+# The int8 peers are what each library's own tools give without calibration, the sdcpp ones stable-diffusion.cpp's
+# own 8- and 4-bit gguf weights; run only when asked for.
+PEERS = ("diffusers", "optimum", "openvino", "diffusers-int8", "optimum-int8", "openvino-int8", "sdcpp-q8_0",
+         "sdcpp-q4_0")
 AUTO_PEERS = ("diffusers", "optimum", "openvino")  # `--peers auto`: these, where ready
 # Each peer library that pins transformers differently from edge's converters gets its own environment.
 # torch goes first and pinned: any other route makes pip pull a multi-GB CUDA build.
@@ -36,6 +39,21 @@ OPENVINO_PACKAGES = ("openvino==2026.4.1", "openvino-tokenizers==2026.4.1.0", "n
                      "transformers==5.5.4", "diffusers==0.39.0", "huggingface-hub==1.21.0", "requests",
                      "setuptools")
 OPENVINO_NO_DEPS = ("optimum-intel==2.2.0",)
+# stable-diffusion.cpp (ggml) through its Python binding, compiled here from the source package: the native CPU
+# flags (GGML_NATIVE: the AVX2 / AVX-512 / VNNI / dot-product kernels this CPU has), two build jobs. No torch.
+SDCPP_PACKAGES = ("--no-binary", "stable-diffusion-cpp-python", "stable-diffusion-cpp-python==0.4.7")
+SDCPP_BUILD_ENV = {"CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+SDCPP_WTYPES = {"sdcpp-q8_0": "q8_0", "sdcpp-q4_0": "q4_0"}  # peer -> the gguf weight type sd.cpp converts to
+# edge's scheduler -> stable-diffusion.cpp's sample method and sigma schedule of the same algorithm (sd.cpp's
+# "discrete" spaces SD's 1000 training timesteps evenly; diffusers' SD 1.5 config says "leading").
+SDCPP_SAMPLERS = {"euler": ("euler", "discrete"), "euler_a": ("euler_a", "discrete"),
+                  "dpmpp_2m": ("dpm++2m", "discrete"), "dpmpp_2m_karras": ("dpm++2m", "karras"), "lcm": ("lcm", "lcm")}
+# stable-diffusion.cpp builds SD 1.x's networks at their published sizes and refuses a file of any other shape.
+SDCPP_SD1_CONFIG = {"unet/config.json": {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                                         "cross_attention_dim": 768, "in_channels": 4},
+                    "text_encoder/config.json": {"hidden_size": 768, "num_hidden_layers": 12},
+                    "vae/config.json": {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4},
+                    "scheduler/scheduler_config.json": {"prediction_type": "epsilon"}}
 
 
 class BenchError(ValueError):
@@ -48,12 +66,13 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "edge-diffusion"
 
 
-def _peer_script() -> Path:
-    """converters/bench_peer.py, wherever `edge.converters` is installed (it is run by path, not imported)."""
+def _peer_script(name: str = "bench_peer.py") -> Path:
+    """converters/bench_peer.py (or `name` beside it), wherever `edge.converters` is installed (it is run by
+    path, not imported)."""
     spec = importlib.util.find_spec("edge.converters")
     if spec is None or spec.origin is None:
         raise BenchError("the peers need edge's converters package (edge.converters), which is not installed")
-    return Path(spec.origin).parent / "bench_peer.py"
+    return Path(spec.origin).parent / name
 
 
 def _need_converter(what: str) -> None:
@@ -63,12 +82,13 @@ def _need_converter(what: str) -> None:
                              "pip install 'edge-diffusion[convert]' on a host, or bench a converted bundle")
 
 
-def _run_quiet(cmd: list[str], what: str, log_path: Path, echo: Log | None = None) -> None:
+def _run_quiet(cmd: list[str], what: str, log_path: Path, echo: Log | None = None,
+               extra_env: dict[str, str] | None = None) -> None:
     """Run a set-up step with its output in `log_path` (and each line through `echo`, for progress);
     on failure, raise with the log's last lines."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as f:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}  # lines as they come, no bars
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(extra_env or {})}  # no bars
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                 env=env)
         for line in proc.stdout:
@@ -151,16 +171,20 @@ def peer_model(source: dict[str, Any], given: Path | None) -> tuple[Path | None,
                   "found on this machine; pass --peer-model DIR")
 
 
-def _peer_python(name: str, steps: tuple[tuple[str, ...], ...], create: bool, log: Log) -> tuple[Path | None, str]:
+def _peer_python(name: str, steps: tuple[tuple[str, ...], ...], create: bool, log: Log,
+                 build_env: dict[str, str] | None = None) -> tuple[Path | None, str]:
     """The Python of peer `name`'s environment under $EDGE_CACHE_DIR/peers/, created (minutes, ~1.5 GB) only
-    when `create` by one `pip install` per step. (None, why) if absent."""
+    when `create` by one `pip install` per step (with `build_env` set, for packages compiled here).
+    (None, why) if absent."""
     venv = cache_dir() / "peers" / name
     python = venv / "bin" / "python"
     if (venv / ".installed").is_file():
         return python, ""
-    commands = "; ".join("pip install " + " ".join(step) for step in steps)
+    env_words = "".join(f"{k}={shlex.quote(v)} " for k, v in (build_env or {}).items())
+    commands = "; ".join(f"{env_words}pip install " + " ".join(step) for step in steps)
     if not create:
-        return None, (f"its environment {venv} does not exist yet (`edge bench --peers {name}` creates it: "
+        asked = name if name in PEERS else ",".join(p for p in PEERS if p.startswith(name + "-"))  # sdcpp-q8_0,...
+        return None, (f"its environment {venv} does not exist yet (`edge bench --peers {asked}` creates it: "
                       f"{commands})")
     log(f"[{name}] creating {venv}: {commands}")
     shutil.rmtree(venv, ignore_errors=True)
@@ -168,7 +192,7 @@ def _peer_python(name: str, steps: tuple[tuple[str, ...], ...], create: bool, lo
     _run_quiet([sys.executable, "-m", "venv", str(venv)], f"creating the {name} venv", logs)
     for step in steps:
         _run_quiet([str(python), "-m", "pip", "install", "-q", *step], f"pip install {' '.join(step)} ({name} venv)",
-                   logs)
+                   logs, extra_env=build_env)
     (venv / ".installed").write_text(json.dumps(steps) + "\n")
     return python, ""
 
@@ -184,6 +208,12 @@ def openvino_python(create: bool, log: Log) -> tuple[Path | None, str]:
                         log)
 
 
+def sdcpp_python(create: bool, log: Log) -> tuple[Path | None, str]:
+    """The stable-diffusion.cpp environment's Python (see SDCPP_PACKAGES): pip compiles stable-diffusion.cpp and
+    ggml, 179 s on 2 cores (Xeon, AVX-512)."""
+    return _peer_python("sdcpp", (SDCPP_PACKAGES,), create, log, build_env=SDCPP_BUILD_ENV)
+
+
 def _model_key(model: Path) -> str:
     """A peer export's cache key: the folder's path and its files' timestamps."""
     key = hashlib.sha256(str(model.resolve()).encode())
@@ -192,12 +222,13 @@ def _model_key(model: Path) -> str:
     return key.hexdigest()[:12]
 
 
-def _peer_step(python: Path, spec: dict[str, Any], out: Path, what: str, log_name: str) -> None:
+def _peer_step(python: Path, spec: dict[str, Any], out: Path, what: str, log_name: str,
+               script: str = "bench_peer.py") -> None:
     """One cached set-up step of a peer (an export, a quantization) in its own environment."""
     out.parent.mkdir(parents=True, exist_ok=True)
     spec_path = out.with_name(out.name + ".spec.json")
     spec_path.write_text(json.dumps(spec))
-    _run_quiet([str(python), str(_peer_script()), str(spec_path)], what, cache_dir() / "logs" / log_name)
+    _run_quiet([str(python), str(_peer_script(script)), str(spec_path)], what, cache_dir() / "logs" / log_name)
     spec_path.unlink()
 
 
@@ -244,6 +275,50 @@ def optimum_int8(python: Path, fp32_export: Path, log: Log) -> Path:
     return out
 
 
+def sdcpp_problem(model: Path, scheduler: str) -> str:
+    """Why stable-diffusion.cpp cannot run `model` with `scheduler` ("" when it can), read from the configs
+    before anything is built."""
+    if scheduler not in SDCPP_SAMPLERS:
+        return (f"stable-diffusion.cpp has no sampler of edge's {scheduler!r} algorithm; "
+                f"use --scheduler {', '.join(SDCPP_SAMPLERS)}")
+    for name, published in SDCPP_SD1_CONFIG.items():
+        config = _read_json(model / name) or {}
+        wrong = [f"{k} {config.get(k)!r} (SD 1.x: {v!r})" for k, v in published.items() if config.get(k) != v]
+        if wrong:
+            return (f"stable-diffusion.cpp builds SD 1.x's networks at their published sizes only, and {model}'s "
+                    f"{name.split('/')[0]} has {', '.join(wrong)}; bench an SD 1.x-sized model "
+                    "(e.g. --arch sd15 --random-weights)")
+    if importlib.util.find_spec("diffusers") is None:
+        return ("writing the checkpoint stable-diffusion.cpp reads needs the converter extra here "
+                "(pip install 'edge-diffusion[convert]')")
+    return ""
+
+
+def sdcpp_spec(python: Path, model: Path, peer: str, scheduler: str, log: Log) -> dict[str, Any]:
+    """What the sdcpp peer's run needs: its gguf file (made once, cached) and sd.cpp's names for the sampler.
+
+    `model` is written as the original-layout single-file checkpoint stable-diffusion.cpp reads (edge's
+    converters, in this environment), then converted by sd.cpp's own convert mode to a gguf of the peer's weight
+    type: what its docs do (`sd-cli -M convert -m v1-5-pruned-emaonly.safetensors --type q8_0`). sd.cpp quantises
+    only rows that are a whole number of blocks (32 weights): 3x3 convolution kernels, biases, norms and the
+    embeddings keep the checkpoint's fp32. Converted once rather than quantised on every load (`wtype`), so a
+    run loads the file a user of sd.cpp would have. Cached beside the other peers' exports, by the same key."""
+    wtype = SDCPP_WTYPES[peer]
+    base = cache_dir() / "sdcpp" / f"{model.name}-{_model_key(model)}"
+    checkpoint, gguf = base.with_name(base.name + ".safetensors"), base.with_name(f"{base.name}-{wtype}.gguf")
+    if not gguf.is_file():
+        if not checkpoint.is_file():
+            log(f"[{peer}] writing {model} as an LDM single-file checkpoint -> {checkpoint}")
+            _peer_step(Path(sys.executable), {"mode": "checkpoint", "model": str(model), "checkpoint": str(checkpoint)},
+                       checkpoint, "writing the sdcpp checkpoint", "sdcpp-checkpoint.log", "bench_peer_sdcpp.py")
+        log(f"[{peer}] converting {checkpoint} to a {wtype} gguf with stable-diffusion.cpp -> {gguf}")
+        _peer_step(python, {"mode": "convert", "checkpoint": str(checkpoint), "gguf": str(gguf), "wtype": wtype},
+                   gguf, f"{peer} convert", f"{peer}-convert.log", "bench_peer_sdcpp.py")
+    sample_method, sd_scheduler = SDCPP_SAMPLERS[scheduler]
+    return {"model": str(model), "gguf": str(gguf), "wtype": wtype, "sample_method": sample_method,
+            "sd_scheduler": sd_scheduler}
+
+
 def run_peer(peer: str, python: Path, spec: dict[str, Any], workdir: Path, log: Log) -> dict[str, Any]:
     """One peer in a fresh process; its figures in the same shape as edge's run."""
     spec = {**spec, "peer": peer, "mode": "run", "out_json": str(workdir / f"{peer}.raw.json"),
@@ -254,7 +329,8 @@ def run_peer(peer: str, python: Path, spec: dict[str, Any], workdir: Path, log: 
            "PYTHONWARNINGS": "ignore"}
     env.pop("PYTHONPATH", None)  # the peer's own environment, nothing of ours
     log(f"[{peer}] starting a fresh process ({python})")
-    code, sampler, t0 = run_child([str(python), str(_peer_script()), str(spec_path)], env=env)
+    script = _peer_script("bench_peer_sdcpp.py" if peer.startswith("sdcpp") else "bench_peer.py")
+    code, sampler, t0 = run_child([str(python), str(script), str(spec_path)], env=env)
     raw_path = Path(spec["out_json"])
     if code != 0 or not raw_path.is_file():
         return {"name": peer, "ok": False, "error": f"{peer} exited with code {code} (its output is above)"}
@@ -292,6 +368,8 @@ def _normalize(raw: dict[str, Any], timeline: dict, t0: float, spec: dict[str, A
         "stages": [{"stage": s, "start_s": a - t0, "end_s": b - t0} for s, a, b in raw["stage_marks"]],
         "image": Path(spec["out_png"]).name,
         "precision": raw.get("precision"),  # what the runtime itself says it computes in, where it says
+        "same_latents": raw.get("same_latents", True),  # False: its own noise (sdcpp), so no image comparison
+        "notes": raw.get("notes", []),  # how its figures differ from the others', for the report
     }
 
 

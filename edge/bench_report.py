@@ -110,6 +110,12 @@ def markdown(r: dict[str, Any]) -> str:
         verdict = "fits" if budget["within"] else "DOES NOT FIT"
         lines.append(f"\nMemory budget {format_bytes(budget['bytes'])}: edge's peak "
                      f"{format_bytes(budget['peak_rss_bytes'])} {verdict}.")
+    notes: dict[str, list[str]] = {}
+    for run in r["runs"]:
+        for note in run.get("notes") or []:
+            notes.setdefault(note, []).append(run["name"])
+    for note, names in notes.items():
+        lines.append(f"\n{', '.join(names)}: {note}.")
     for peer, why in r["skipped_peers"].items():
         lines.append(f"\nPeer {peer} not run: {why}.")
     for run in r["runs"]:
