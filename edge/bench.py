@@ -30,6 +30,7 @@ from edge.bundle import read_manifest
 from edge.validate import GUIDANCE_RULE, count_arg, number_arg
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+EDGE_BACKENDS = ("onnx", "openvino")  # edge's own engines: --backends
 Log = Callable[[str], None]
 
 
@@ -42,10 +43,12 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
           scheduler: str = "euler", prompt: str = DEFAULT_PROMPT, negative_prompt: str = "", seed: int = 0,
           threads: int | None = None, memory_budget: int | None = None, peers: str = "auto",
           peer_model_dir: Path | None = None, out: Path | None = None, label: str | None = None,
-          log: Log = _stderr) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Measure `bundle` (or the cached random-weight bundle of `arch`) and the requested peers; write
+          backends: str = "onnx", log: Log = _stderr) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Measure `bundle` (or the cached random-weight bundle of `arch`) on each of edge's `backends` (comma list
+    of onnx, openvino: the first in this process, the others each in a fresh one) and the requested peers; write
     results.json / results.md / results.png into `out`. Returns the results and the paths written."""
     _check_args(bundle, arch, random_weights, steps, repeat, threads, height, width, memory_budget)
+    engines = _parse_backends(backends, memory_budget)
     wanted, explicit = _parse_peers(peers)
     from edge.schedulers import SCHEDULERS
 
@@ -63,13 +66,16 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
     skipped: dict[str, str] = {}
     ready = _prepare_peers(wanted, explicit, model if peer_model_dir is None else peer_model_dir, manifest.source,
                            skipped, log, scheduler=scheduler)
-    run = measure_edge(Path(bundle), prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                       scheduler=scheduler, seed=seed, height=height, width=width, repeat=repeat, threads=threads,
-                       image_path=out / "edge.png", latents_path=out / "latents.npy", log=log,
-                       memory_budget=memory_budget)
-    log(f"[edge] UNet {run['unet_call_s']['median']:.3f}s/call (median), end-to-end "
-        f"{run['end_to_end_s']['median']:.2f}s, peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GB")
-    runs = [run]
+    measure = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
+               "scheduler": scheduler, "seed": seed, "height": height, "width": width, "repeat": repeat,
+               "threads": threads, "memory_budget": memory_budget}
+    run = measure_edge(Path(bundle), **measure, image_path=out / "edge.png", latents_path=out / "latents.npy",
+                       log=log, backend=engines[0])
+    runs = [run] + [_edge_elsewhere(Path(bundle), b, measure, out, log) for b in engines[1:]]
+    for r in runs:
+        if r["ok"]:
+            log(f"[{r['name']}] UNet {r['unet_call_s']['median']:.3f}s/call (median), end-to-end "
+                f"{r['end_to_end_s']['median']:.2f}s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GB")
     spec = {"model": None, "optimum_dir": None, "openvino_dir": None, "threads": threads, "scheduler": scheduler, "prompt": prompt,
             "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance, "height": height,
             "width": width, "repeat": repeat, "latents": str((out / "latents.npy").resolve()), "seed": seed}
@@ -92,6 +98,7 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
         "runs": runs,
         "skipped_peers": skipped,
         "ratios": {r["name"]: ratios(run, r) for r in runs[1:] if r["ok"]},
+        "fastest": _fastest(runs),
         "fidelity": {"bundle_parity": {c.name: {k: c.parity.get(k) for k in ("psnr_db", "max_abs_diff", "reference")}
                                        for c in manifest.components.values()},
                      "image_vs_peers": _image_fidelity(out, runs)},
@@ -101,6 +108,46 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
     from edge.bench_report import write_results
 
     return results, write_results(results, out)
+
+
+def _parse_backends(backends: str, memory_budget: int | None) -> list[str]:
+    names = list(dict.fromkeys(b.strip() for b in backends.split(",") if b.strip()))
+    if not names or any(b not in EDGE_BACKENDS for b in names):
+        raise ValueError(f"--backends {backends!r}: expected a comma list of {', '.join(EDGE_BACKENDS)}")
+    if memory_budget is not None and names != ["onnx"]:
+        raise ValueError("--memory-budget is planned with onnxruntime's measurements: bench it with --backends onnx")
+    return names
+
+
+def _edge_elsewhere(bundle: Path, backend: str, measure: dict[str, Any], out: Path, log: Log) -> dict[str, Any]:
+    """edge on another backend, measured in a fresh process (`python -m edge.bench_run`), so that its memory is
+    its own; the same latents, as they are drawn from the same seed."""
+    import json
+    import subprocess
+
+    name = f"edge-{backend}"
+    log(f"[{name}] in a fresh process")
+    spec = {"bundle": str(bundle), "backend": backend, **measure, "image_path": str(out / f"{name}.png"),
+            "latents_path": str(out / f"latents-{backend}.npy")}
+    proc = subprocess.run([sys.executable, "-m", "edge.bench_run"], input=json.dumps(spec), capture_output=True,
+                          text=True)
+    (out / f"{name}.log").write_text(proc.stderr)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        return {"name": name, "runtime": name, "ok": False, "error": tail}
+    return json.loads(proc.stdout)
+
+
+def _fastest(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run with the shortest UNet call on this machine, and the fastest of edge's own backends."""
+    ok = [r for r in runs if r.get("ok") and r["unet_call_s"].get("median")]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["unet_call_s"]["median"])
+    ours = min((r for r in ok if r["name"].startswith("edge")), key=lambda r: r["unet_call_s"]["median"], default=None)
+    pick = lambda r: None if r is None else {"name": r["name"], "runtime": r["runtime"],  # noqa: E731
+                                             "unet_call_s": r["unet_call_s"]["median"]}
+    return {"overall": pick(best), "edge": pick(ours)}
 
 
 def _check_args(bundle, arch, random_weights, steps, repeat, threads, height, width, memory_budget) -> None:
@@ -255,6 +302,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--peers", default="auto", help=f"comma list of {','.join(PEERS)}; "
                    f"default auto: {', '.join(AUTO_PEERS)} where ready")
     b.add_argument("--no-peers", action="store_true", help="measure edge only")
+    b.add_argument("--backends", default="onnx", help=f"edge's engines to measure, comma list of "
+                   f"{','.join(EDGE_BACKENDS)} (default onnx); the report names the fastest")
     b.add_argument("--peer-model", type=Path, help="diffusers folder the peers load (default: the bundle's source)")
     b.add_argument("--label", help="name of this run in tables and plots")
     b.add_argument("-o", "--output", type=Path, help="results folder (default bench-results/LABEL-TIME)")
@@ -278,7 +327,8 @@ def run_from_args(a: argparse.Namespace) -> int:
         width=a.width, repeat=a.repeat, guidance=a.guidance, scheduler=a.scheduler, prompt=a.prompt,
         negative_prompt=a.negative_prompt, seed=a.seed, threads=a.threads,
         memory_budget=None if a.memory_budget is None else parse_size(a.memory_budget),
-        peers="none" if a.no_peers else a.peers, peer_model_dir=a.peer_model, out=a.output, label=a.label)
+        peers="none" if a.no_peers else a.peers, peer_model_dir=a.peer_model, out=a.output, label=a.label,
+        backends=a.backends)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 1 if any(not r["ok"] for r in results["runs"]) else 0

@@ -91,6 +91,12 @@ def markdown(r: dict[str, Any]) -> str:
         "Text encoder and VAE decode: per generation. End-to-end: one generation, model loaded (median "
         "over repeats). Peak RSS: whole process, the kernel's high-water mark.", "",
     ]
+    fastest = r.get("fastest")
+    if fastest:
+        o, e = fastest["overall"], fastest["edge"]
+        lines += [f"Fastest UNet call on this machine: **{o['name']}**, {o['runtime']}, {o['unet_call_s']:.3f} s"
+                  + ("" if e is None or e["name"] == o["name"] else
+                     f"; edge's fastest: **{e['name']}**, {e['runtime']}, {e['unet_call_s']:.3f} s") + ".", ""]
     if r["ratios"]:
         lines += ["## edge / peer (below 1: edge is faster or smaller)", "",
                   "| peer | UNet per call | end-to-end | peak RSS | cold start |", "|---|---:|---:|---:|---:|"]

@@ -19,9 +19,11 @@ Log = Callable[[str], None]
 
 def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int, guidance: float,
                  scheduler: str, seed: int, height: int, width: int, repeat: int, threads: int | None,
-                 image_path: Path, latents_path: Path, log: Log, memory_budget: str | None = None) -> dict[str, Any]:
-    """Load `bundle` and generate `repeat` times from the same initial latents, drawn from `seed` exactly
-    as `edge generate --seed` draws them and saved to `latents_path` for the peers."""
+                 image_path: Path, latents_path: Path, log: Log, memory_budget: str | None = None,
+                 backend: str = "onnx") -> dict[str, Any]:
+    """Load `bundle` on `backend` (onnx: onnxruntime; openvino) and generate `repeat` times from the same
+    initial latents, drawn from `seed` exactly as `edge generate --seed` draws them and saved to `latents_path`
+    for the peers."""
     t0 = time.time()
     baseline = read_rss()
     with RssSampler() as sampler:
@@ -35,7 +37,7 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         log(f"[edge] loading {bundle}")
         load_start = time.time()
         t = time.perf_counter()
-        pipe = Pipeline.load(bundle, threads=threads, memory_budget=memory_budget)
+        pipe = Pipeline.load(bundle, threads=threads, memory_budget=memory_budget, backend=backend)
         load_s = time.perf_counter() - t
         load_end = time.time()
         opened_at_load = dict(pipe.load_seconds)  # under a budget, stages open more during generation
@@ -60,16 +62,18 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         peak, peak_source = max(sampler.rss), peak_source + ", raised to the highest VmRSS sample"
     result.images[0].save(image_path)
 
-    provider = pipe.providers[0]
+    provider, runtime, versions = _engine(pipe, backend)
     stage_calls = {stage: [b - a for s, a, b in calls if s == stage] for stage in ("text_encoder", "unet", "vae_decoder")}
     per_generation = {stage: _per_generation(v, repeat) for stage, v in stage_calls.items()}
     unet_calls = stage_calls["unet"]
     return {
-        "name": "edge",
-        "runtime": f"edge (onnxruntime {ort.__version__}, {provider.removesuffix('ExecutionProvider')})",
+        "name": "edge" if backend == "onnx" else f"edge-{backend}",
+        "runtime": runtime,
         "ok": True,
         "error": None,
-        "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
+        "backend": backend,
+        "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
+                     **versions},
         "execution_provider": provider,
         "threads": threads,
         "cold_start_s": import_s + load_s,
@@ -98,6 +102,30 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
     }
 
 
+def _engine(pipe, backend: str) -> tuple[str, str, dict[str, str]]:
+    """(execution provider, runtime line, extra versions) of the engine the pipeline runs on."""
+    import onnxruntime as ort
+
+    if backend == "openvino":
+        import openvino
+
+        version = openvino.__version__.split("-")[0]
+        return "OpenVINO CPU", f"edge (OpenVINO {version}, CPU, {pipe.precision_of('unet')})", {"openvino": version}
+    provider = pipe.providers[0]
+    return provider, f"edge (onnxruntime {ort.__version__}, {provider.removesuffix('ExecutionProvider')})", {}
+
+
+def main() -> None:
+    """`python -m edge.bench_run` < JSON keywords of measure_edge: one run in a fresh process (its own peak RSS),
+    the result as JSON on stdout, progress on stderr."""
+    import json
+
+    spec = json.loads(sys.stdin.read())
+    spec.update(image_path=Path(spec["image_path"]), latents_path=Path(spec["latents_path"]),
+                log=lambda line: print(line, file=sys.stderr, flush=True))
+    json.dump(measure_edge(Path(spec.pop("bundle")), **spec), sys.stdout)
+
+
 def _per_generation(durations: list[float], repeat: int) -> list[float]:
     """Sum the calls of each generation (text encoding is two calls with guidance, decoding one per image)."""
     n = len(durations) // repeat if repeat else 0
@@ -118,3 +146,7 @@ def _step_progress(prefix: str, width: int = 24) -> Callable[[int, int, Any], No
                   end="\n" if last else "", file=sys.stderr, flush=True)
 
     return show
+
+
+if __name__ == "__main__":
+    main()

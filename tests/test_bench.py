@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -181,6 +182,8 @@ def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
      "unknown peer(s) onnx; known: diffusers, optimum, openvino, diffusers-int8, optimum-int8, openvino-int8"),
     (["BUNDLE", "--memory-budget", "lots"], "is not a size"),
     (["compare", "nothing.json", "nothing2.json"], "no bench results at nothing.json"),
+    (["BUNDLE", "--backends", "onnx,tensorrt"], "--backends 'onnx,tensorrt': expected a comma list of onnx, openvino"),
+    (["BUNDLE", "--backends", "openvino", "--memory-budget", "2GB"], "bench it with --backends onnx"),
 ])
 def test_bad_input_gives_one_clear_error(bundles, args, expected):
     args = [str(bundles["folder-epsilon"]) if a == "BUNDLE" else a for a in args]
@@ -188,6 +191,26 @@ def test_bad_input_gives_one_clear_error(bundles, args, expected):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
+def test_backends_are_measured_side_by_side_and_the_fastest_named(bundles, tmp_path):
+    """`--backends onnx,openvino`: edge on each engine (OpenVINO in a fresh process, from the same latents), and
+    the report names the fastest UNet call here."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs openvino (pip install 'edge-diffusion[openvino]')")
+    out = tmp_path / "o"
+    proc = run_bench(bundles["folder-epsilon"], "--steps", "2", "--no-peers", "--backends", "onnx,openvino",
+                     "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    onnx_run, ov_run = r["runs"]
+    assert (onnx_run["name"], ov_run["name"]) == ("edge", "edge-openvino") and ov_run["ok"]
+    assert "OpenVINO" in ov_run["runtime"] and ov_run["versions"]["openvino"]
+    assert ov_run["unet_calls_per_generation"] == onnx_run["unet_calls_per_generation"] == 2
+    assert ov_run["peak_rss_bytes"] > 0 and ov_run["unet_call_s"]["median"] > 0
+    assert np.array_equal(np.load(out / "latents.npy"), np.load(out / "latents-openvino.npy"))
+    best = min(r["runs"], key=lambda run: run["unet_call_s"]["median"])
+    assert r["fastest"]["overall"]["name"] == best["name"] == r["fastest"]["edge"]["name"]
+    assert f"Fastest UNet call on this machine: **{best['name']}**" in (out / "results.md").read_text()
 
 
 def test_edge_cli_registers_bench():
