@@ -30,6 +30,7 @@ from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
+from edge.converters.tome import MAX_RATIO, RATIO_RULE, install_token_merging, versus_unmerged
 from edge.converters.split import run_chunks, split_graph
 from edge.converters.tiny_vae import NAME as TINY_VAE
 from edge.converters.tiny_vae import check_fits, load_tiny_vae, source_info, tiny_vae_spec, versus_full_decoder
@@ -71,6 +72,7 @@ class Options:
     coreml: Any = None  # edge.converters.coreml.convert.CoreMLOptions for the coreml target (None: its defaults)
     tiny_vae: str | None = None  # a local diffusers AutoencoderTiny folder (TAESD): previews, --decoder tiny
     deep_cache: bool = False  # cut the UNet where DeepCache skips its deep part (generate --cache-interval N)
+    token_merging: float | None = None  # ToMe ratio in (0, 0.75]: merge tokens before highest-resolution attn1
 
     def __post_init__(self) -> None:
         if not self.targets or any(t not in TARGETS for t in self.targets):
@@ -101,6 +103,11 @@ class Options:
             raise ConvertError(f"--split-unet {self.split_unet}: expected a number of chunks >= 1")
         if self.max_chunk_mb is not None and self.max_chunk_mb <= 0:
             raise ConvertError(f"--max-chunk-mb {self.max_chunk_mb}: expected a positive size")
+        tm = self.token_merging
+        if tm is not None and (isinstance(tm, bool) or not isinstance(tm, (int, float)) or not 0 < tm <= MAX_RATIO):
+            raise ConvertError(f"--token-merging {tm!r}: expected {RATIO_RULE}")
+        if tm is not None and "coreml" in self.targets:
+            raise ConvertError("--token-merging is made into the ONNX UNet; the Core ML target does not take it")
 
 
 class ConvertError(ValueError):
@@ -178,6 +185,9 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         t = time.perf_counter()
         path = tmp / f"{spec.name}.onnx"
         model = _attention_model(pipe, spec.name)
+        tome = None
+        if spec.name == "unet" and options.token_merging is not None:  # exported and checked with it installed
+            tome = install_token_merging(pipe.unet, options.token_merging)
         if model is not None:
             default_processors = model.attn_processors
             use_attention(model, options.attention, options.attention_chunk)
@@ -191,6 +201,11 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
                 f"{spec.name}: the ONNX graph does not match torch (PSNR {check['psnr_db']:.1f} dB < "
                 f"{PARITY_MIN_PSNR_DB} dB, max-abs-diff {check['max_abs_diff']:.3g})"
             )
+        merging = {} if tome is None else {"token_merging": versus_unmerged(spec.module, parity_inputs, tome)}
+        if tome is not None:
+            check["reference"] = "torch fp32 with the same token merging"
+            log(f"  {spec.name:<12} token merging {tome.ratio:g} in {len(tome.blocks)} blocks: "
+                f"{merging['token_merging']['psnr_vs_unmerged_db']:.1f} dB vs the unmerged UNet")
         feeds = {i["name"]: x.numpy() for i, x in zip(spec.inputs, parity_inputs)}
         if spec.name == "unet" and "coreml" not in options.targets:
             pipe.unet.to("meta")  # exported and checked: free its weights (3.4 GB for SD 1.5) before quantizing
@@ -221,7 +236,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             "inputs": spec.inputs,
             "outputs": spec.outputs,
             "parity": check,
-            "attention": attention if model is not None else {},
+            "attention": {**attention, **merging} if model is not None else {},
             **record,
             **({"chunks": chunks} if chunks else {}),
             **(_tiny_record(tiny, pipe.vae, default_image) if spec.name == TINY_VAE else {}),

@@ -17,6 +17,9 @@ from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
 from edge.validate import GUIDANCE_RULE, check_cache_interval, check_decoder, count_arg, number_arg
 
+# converters/tome.py's RATIO_RULE (the CLI imports no torch): one destination token per 2x2 window
+TOKEN_MERGING_RULE = "a ratio > 0 and <= 0.75 (the fraction of tokens merged; one destination per 2x2 window)"
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -50,7 +53,8 @@ def _convert(a: argparse.Namespace) -> int:
                       quantize_ops=ops, activations=a.activations, min_psnr_db=a.min_psnr, split_unet=a.split_unet,
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
                       tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
-                      coreml=_coreml_options(a), tiny_vae=a.tiny_vae, deep_cache=a.deep_cache)
+                      coreml=_coreml_options(a), tiny_vae=a.tiny_vae, deep_cache=a.deep_cache,
+                      token_merging=a.token_merging)
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
@@ -158,6 +162,9 @@ def _info(a: argparse.Namespace) -> int:
     for c in m.components.values():
         vs32 = c.quantization.get("psnr_vs_fp32_db")
         kernel = c.attention.get("kernel", "-") + (f" ({c.attention['chunk']})" if c.attention.get("chunk") else "")
+        merging = c.attention.get("token_merging")
+        kernel += (f", token merging {merging['ratio']:g} in {len(merging['blocks'])} blocks "
+                   f"({merging['psnr_vs_unmerged_db']:.1f} dB vs unmerged)" if merging else "")
         print(f"{c.name:<13}{c.precision:>10}{c.parameters / 1e6:>10.2f}M{format_bytes(c.bytes):>11}"
               f"{c.parity.get('psnr_db', float('nan')):>9.1f}{'-' if vs32 is None else f'{vs32:.1f}':>9}"
               f"{len(c.chunks) or 1:>7}  {kernel}")
@@ -396,6 +403,10 @@ def _add_convert(sub) -> None:
                    "under a tight budget uses (tiles then normalise on their own and colours drift)")
     c.add_argument("--deep-cache", action="store_true", help="cut the UNet for DeepCache (generate --cache-interval "
                    "N runs its deep part every N steps only)")
+    c.add_argument("--token-merging", type=number_arg("--token-merging", above=0.0, maximum=0.75,
+                                                      rule=TOKEN_MERGING_RULE), metavar="RATIO",
+                   help="ToMe: merge this fraction of tokens before each self-attention at the UNet's highest "
+                        f"resolution, copied back after it ({TOKEN_MERGING_RULE}; e.g. 0.5)")
     c.add_argument("--tiny-vae", metavar="DIR", help="add a tiny autoencoder (a local diffusers AutoencoderTiny "
                    "folder, e.g. TAESD) for previews and --decoder tiny; the default model ships its own")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "
