@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import load_external_data_for_tensor
 
-from edge.converters.onnx_export import ONE_FILE_LIMIT
+from edge.converters.aligned import save_aligned
 
 WINDOW = 0.1  # a cut may sit this fraction of an even share of weights away from its balanced position
 
@@ -34,14 +34,16 @@ def split_graph(
     max_chunk_bytes: int | None = None,
     at: Sequence[str] | None = None,
     prefix: str = "unet",
-    external_data_over: int = ONE_FILE_LIMIT,
+    external_data_over: int = 0,
 ) -> list[dict]:
     """Write `model_path` as `n` chunks, or as the fewest whose weights each fit `max_chunk_bytes`; `at` cuts
     before the first node of each scope it names (node-name prefixes such as "/unet/up_blocks.1/", in graph
     order: the cuts DeepCache skips between), alone or with `n` / `max_chunk_bytes`, which then cut the parts
     between those scopes further (n chunks in all, shared out by weight).
 
-    Files are `out_dir/{prefix}_chunk{i}.onnx`. Returns per chunk, in run order: file, files (with external
+    Files are `out_dir/{prefix}_chunk{i}.onnx`, each chunk's weights of 64 KiB and more page-aligned in its
+    `.data` file (converters/aligned.py: onnxruntime maps them, so a chunk loaded for every call copies none;
+    inline only where a chunk's weights total at most `external_data_over` bytes). Returns per chunk, in run order: file, files (with external
     data), inputs and outputs ({name, dtype, shape}; shape entries are ints or named dynamic dims, which
     onnx shape inference calls `unk__N` where it cannot carry a name through an op),
     graph_outputs (the original outputs it makes), weight_bytes, nodes, and part (which of the parts between
@@ -239,16 +241,17 @@ def _write_chunk(model: onnx.ModelProto, plan: _Plan, start: int, stop: int, pat
     chunk = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
                                    producer_name="edge-diffusion split")
     weight_bytes = plan.chunk_bytes(start, stop)
-    external = weight_bytes > external_data_over
-    path.unlink(missing_ok=True)
-    path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(chunk, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data")
+    if weight_bytes > external_data_over:  # weights page-aligned in a .data file: onnxruntime maps them
+        files = save_aligned(chunk, path)
+    else:
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
+        onnx.save_model(chunk, str(path))
+        files = [path.name]
     del chunk, graph, inits
     onnx.checker.check_model(str(path))
     return {
         "file": path.name,
-        "files": [path.name, *([path.name + ".data"] if external else [])],
+        "files": files,
         "inputs": [_describe(plan.types[i]) for i in inputs],
         "outputs": [_describe(plan.types[o]) for o in outputs],
         "graph_outputs": [o for o in outputs if o in plan.graph_outputs],

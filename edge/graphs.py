@@ -6,6 +6,7 @@ The one place that loads and frees; stages ask it for sessions and run them thro
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +45,19 @@ class Graphs:
             verify_files(self.bundle, component)
             self._verified.add(component.name)
         return self._make(component, k)
+
+    def prefetch(self, component: Component, k: int) -> None:
+        """Ask the OS to start reading graph k's files now (a chunk loaded for every call: its read then overlaps
+        the chunk running before it). Read-ahead fills the page cache, which is not the process's memory; where
+        the OS has no posix_fadvise (macOS) the chunk is read when it loads."""
+        graph = component.graphs[k]
+        for rel in (graph, graph + ".data"):
+            if rel in component.files and hasattr(os, "posix_fadvise"):
+                fd = os.open(self.bundle / rel, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
 
     def run(self, name: str, session: Session, feeds: dict[str, np.ndarray],
             outputs: list[str] | None = None) -> list[np.ndarray]:

@@ -20,7 +20,9 @@ from edge.memprobe import fit_activation, probe
 
 # What `edge generate` loads; the head of the cut VAE decoder (tiled decoding) where the bundle has one.
 # The encoder: img2img; the tiny decoder: previews and --decoder tiny.
-PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_encoder", "tiny_vae_decoder")
+PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_decoder_tiled", "vae_encoder",
+            "tiny_vae_decoder")
+HIDDEN_SCALE = 2  # the tiled decoder's tail reads the head's output: 2 x the latent's side (one up block)
 MIN_SIDE = 32  # latent pixels
 
 
@@ -52,7 +54,8 @@ def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int],
     runs = []
     for h, w, batch in samples_for(name, latent_hw, multiple):
         dims = {"batch": batch, "height": h, "width": w, "context": 77,  # one prompt window
-                "image_height": h * scale, "image_width": w * scale}  # the VAE encoder's input picture
+                "image_height": h * scale, "image_width": w * scale,  # the VAE encoder's input picture
+                "hidden_height": h * HIDDEN_SCALE, "hidden_width": w * HIDDEN_SCALE}  # the tail, per latent tile
         inputs = {t["name"]: {"dtype": t["dtype"], "shape": [dims.get(d, d) if isinstance(d, str) else d
                                                              for d in t["shape"]]}
                   for t in component["inputs"]}

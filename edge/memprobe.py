@@ -57,6 +57,24 @@ def peak_bytes() -> int:
     return _status_bytes("VmHWM")
 
 
+# Under a budget, buffers of this size and more are mapped by glibc and unmapped when freed, instead of staying
+# in its heap for reuse. Measured on SD 1.5's UNet streamed in 47 chunks (2-core Intel Xeon, 512x512, batch 2):
+# peak RSS 589 MB at glibc's default, 411 MB at 4 MiB (1 MiB: 380 MB), for 8.5 against 10.0 s a call (10.8 s).
+LEAN_MMAP_THRESHOLD = 4 * 2**20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def lean_malloc() -> bool:
+    """Make large allocations go back to the OS as soon as they are freed (glibc; process-wide, not undone).
+    False where the C library has no mallopt (macOS, musl): there the heap keeps its own rules."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def release_memory() -> None:
     """Return freed heap to the OS (glibc keeps it otherwise), so a freed session stops counting."""
     gc.collect()
@@ -84,7 +102,8 @@ def _measure(job: dict) -> dict:
 
     from edge.sessions import session_options
 
-    options = session_options(job.get("threads"))  # exactly as the runtime opens them
+    options = session_options(job.get("threads"))  # exactly as the runtime opens them under a budget
+    lean_malloc()
     rng = np.random.default_rng(0)
     env = {name: _feed(spec, rng) for name, spec in job["inputs"].items()}
     release_memory()

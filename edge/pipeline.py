@@ -17,7 +17,7 @@ from edge.bundle import Component, Manifest, read_manifest, verify_tokenizer
 from edge.graphs import Graphs
 from edge.images import ImageInput, paste_back, to_tensor
 from edge.inputs import image_inputs, image_size, output_size
-from edge.memprobe import rss_bytes
+from edge.memprobe import lean_malloc, rss_bytes
 from edge.plan import TINY, Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
 from edge.sessions import open_session, session_options
@@ -94,6 +94,8 @@ class Pipeline:
         budget = None if memory_budget is None else parse_bytes(memory_budget)
         if optimization is None:
             optimization = "all" if budget is None else "extended"
+        if budget is not None:
+            lean_malloc()  # freed buffers leave the process at once, as the planner's figures were measured
         options = {int8: session_options(threads, memory_arena, optimization, int8=int8) for int8 in (True, False)}
         providers = ["CPUExecutionProvider"] if providers is None else providers
         return cls._start(bundle, manifest, options, providers, budget, verify, preload)

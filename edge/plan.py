@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from edge.bundle import Component, Manifest
 from edge.cpu import CpuFeatures, features
 from edge.memory import format_bytes
+from edge.memory_profile import HIDDEN_SCALE
 from edge.memprobe import activation_bytes
 
 _UNITS = {"": 1, "B": 1, **{p + s: 1024 ** (i + 1) for i, p in enumerate("KMGT") for s in ("", "B", "IB")}}
@@ -149,11 +150,17 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     head = manifest.components.get("vae_decoder_head")
     head = _Graphs.of(head) if head is not None and head.memory else None  # tiles decode after a whole-latent head
     head = None if decoder == "tiny" else head
+    tail = manifest.components.get("vae_decoder_tiled")  # the tiles' graph, measured per latent tile (newer bundles)
+    tail = _Graphs.of(tail) if tail is not None and tail.memory and head is not None else None
 
     def vae_peak(tile: int | None) -> int:
         th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
         image = 3 * height * width * 4 * (1 if tile is None else 3)  # output (+ weighted sum and weights)
-        act = vae.run(th * tw, 1)[0]  # the plain decoder on a tile: more than the tail alone needs
+        if tile is not None and tail is not None:  # the head on the whole latent, freed; its output kept for the tail
+            act = max(tail.resident[0] + tail.run(th * tw, 1)[0], head.resident[0] + head.run(h * w, 1)[0])
+            hidden = manifest.components["vae_decoder_head"].outputs[0].shape[1] * 4 * h * w * HIDDEN_SCALE ** 2
+            return max(tail.load_peak[0], head.load_peak[0], int(act) + hidden + image)
+        act = vae.run(th * tw, 1)[0]  # older bundles: the plain decoder on a tile stands in for the tail
         if tile is not None and head is not None:  # + the head on the whole latent, and its output kept
             act = max(act, head.run(h * w, 1)[0]) + head.carry[0].get("a", 0.0) * h * w
         return max(vae.load_peak[0], vae.resident[0] + int(act) + image)

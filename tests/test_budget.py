@@ -56,7 +56,8 @@ def test_manifest_records_precision_kernel_chunks_and_memory(small):
     assert len(unet.chunks) == 2 and unet.graphs == ("unet_chunk0.onnx", "unet_chunk1.onnx")
     passed = set(unet.chunks[0].outputs) & set(unet.chunks[1].inputs)
     assert passed and "noise_pred" in unet.chunks[1].outputs
-    assert set(unet.files) == {"unet_chunk0.onnx", "unet_chunk1.onnx"} and not (small / "unet.onnx").exists()
+    assert set(unet.files) == {"unet_chunk0.onnx", "unet_chunk1.onnx", "unet_chunk0.onnx.data",
+                               "unet_chunk1.onnx.data"} and not (small / "unet.onnx").exists()  # weights mapped
     import json
 
     raw = json.loads((small / "manifest.json").read_text())["components"]["unet"]

@@ -54,7 +54,7 @@ def test_every_conv_runs_as_qlinearconv(static, tmp_path):
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"opt{i}.onnx")
         ort.InferenceSession(str(static[0] / graph), options, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
         fused.append(ops.count("QLinearConv"))
         floats.append(sum(op in ("Conv", "FusedConv", "NchwcConv") for op in ops))
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(static[1] / "unet.onnx")).graph.node)

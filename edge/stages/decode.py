@@ -46,14 +46,17 @@ def _decode_shared(graphs: Graphs, plan: Plan, z: np.ndarray, tile: int, shape: 
     """Tiles through the cut decoder: its head on the whole latent, its tail per tile with pooled statistics."""
     manifest = graphs.manifest
     tiled = manifest.components["vae_decoder_tiled"]
-    shared = graphs.open("vae_decoder_tiled")[0]
     first = tiled.inputs[0].name  # "hidden": the tail of a cut decoder; "latent_sample": older bundles
     up, overlap, scale = 1, plan.vae_overlap, manifest.vae_scale_factor
     if first == "hidden":  # the head (mid block, first up block) runs on the whole latent, the tail per tile
         head = graphs.open("vae_decoder_head")[0]
         hidden = graphs.run("vae_decoder", head, {"latent_sample": z})[0]  # (1, M, 2^k h, 2^k w)
+        del head
+        if not plan.resident:
+            graphs.free("vae_decoder_head")  # its weights leave before the tail's come in, as the plan counts
         up = hidden.shape[2] // z.shape[2]
         z, tile, overlap, scale = hidden, tile * up, overlap * up, scale // up
+    shared = graphs.open("vae_decoder_tiled")[0]
 
     def run_shared(part: np.ndarray, stats: np.ndarray, mix: float | np.ndarray,
                    weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

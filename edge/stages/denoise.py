@@ -45,6 +45,8 @@ def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, c
             env.update(cache)  # the deep features of the last full step
             continue
         session = sessions[k] if k < keep else graphs.load(component, k)
+        if keep <= k + 1 < len(chunks):
+            graphs.prefetch(component, k + 1)  # the next chunk's read overlaps this one's run
         names = [o.name for o in session.get_outputs()]
         feeds = {i.name: env[i.name] for i in session.get_inputs()}
         env.update(zip(names, session.run(names, feeds)))
