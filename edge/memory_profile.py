@@ -22,6 +22,8 @@ from edge.memprobe import fit_activation, probe
 # The encoder: img2img; the tiny decoder: previews and --decoder tiny.
 PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_decoder_tiled", "vae_encoder",
             "tiny_vae_decoder")
+TAIL_TILES = (32, 24, 16)  # latent tile sides the tiled decoder's tail is measured at (its activations are
+# large even per tile: SD 1.5's tail on a 64x64 latent tile takes ~2 GB, on 16x16 ~0.3 GB)
 HIDDEN_SCALE = 2  # the tiled decoder's tail reads the head's output: 2 x the latent's side (one up block)
 MIN_SIDE = 32  # latent pixels
 
@@ -40,6 +42,8 @@ def samples_for(name: str, latent_hw: tuple[int, int], multiple: int) -> list[tu
         return [(h, w, 1)]
     if name == "unet":
         return [(h, w, 1), (h, w, 2), (*scaled(0.5), 1)]
+    if name == "vae_decoder_tiled":  # it runs per tile, and only under budgets: measured at the tiles they choose
+        return [(t, t, 1) for t in TAIL_TILES]
     return [(h, w, 1), (*scaled(0.75), 1), (*scaled(0.5), 1)]
 
 
