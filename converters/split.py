@@ -43,8 +43,8 @@ def split_graph(
 
     Files are `out_dir/{prefix}_chunk{i}.onnx`, each chunk's weights of 64 KiB and more page-aligned in its
     `.data` file (converters/aligned.py: onnxruntime maps them, so a chunk loaded for every call copies none;
-    inline only where a chunk's weights total at most `external_data_over` bytes). Returns per chunk, in run order: file, files (with external
-    data), inputs and outputs ({name, dtype, shape}; shape entries are ints or named dynamic dims, which
+    inline only where a chunk's weights total at most `external_data_over` bytes). Returns per chunk, in run
+    order: file, files (with external data), inputs and outputs ({name, dtype, shape}; shape entries are ints or named dynamic dims, which
     onnx shape inference calls `unk__N` where it cannot carry a name through an op),
     graph_outputs (the original outputs it makes), weight_bytes, nodes, and part (which of the parts between
     the `at` scopes it belongs to; 0 without them).

@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 
+from edge.validate import TOKEN_MERGING_MAX, TOKEN_MERGING_RULE
+
 STRIDE = 2  # destination windows are STRIDE x STRIDE tokens
-MAX_RATIO = 1 - 1 / STRIDE ** 2  # 0.75: with one destination per window, at most 3 tokens of 4 can merge
-RATIO_RULE = f"a ratio > 0 and <= {MAX_RATIO:g} (the fraction of tokens merged; one destination per 2x2 window)"
+MAX_RATIO, RATIO_RULE = TOKEN_MERGING_MAX, TOKEN_MERGING_RULE  # edge.validate's, which the CLI checks with
+assert MAX_RATIO == 1 - 1 / STRIDE ** 2  # with one destination per window, at most 3 tokens of 4 can merge
 _PPM = 1_000_000  # r = tokens * ratio in integer parts per million: the same r in torch and in the exported graph
 METHOD = ("ToMe (Bolya & Hoffman 2023): self-attention (attn1) at the highest resolution; one fixed destination "
           "per 2x2 window; bipartite soft matching by cosine similarity; merge by mean, unmerge by copy")

@@ -15,10 +15,8 @@ from typing import NoReturn
 
 from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
-from edge.validate import GUIDANCE_RULE, check_cache_interval, check_decoder, count_arg, number_arg
-
-# converters/tome.py's RATIO_RULE (the CLI imports no torch): one destination token per 2x2 window
-TOKEN_MERGING_RULE = "a ratio > 0 and <= 0.75 (the fraction of tokens merged; one destination per 2x2 window)"
+from edge.validate import (GUIDANCE_RULE, TOKEN_MERGING_MAX, TOKEN_MERGING_RULE, check_cache_interval, check_decoder,
+                           count_arg, number_arg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,7 +401,7 @@ def _add_convert(sub) -> None:
                    "under a tight budget uses (tiles then normalise on their own and colours drift)")
     c.add_argument("--deep-cache", action="store_true", help="cut the UNet for DeepCache (generate --cache-interval "
                    "N runs its deep part every N steps only)")
-    c.add_argument("--token-merging", type=number_arg("--token-merging", above=0.0, maximum=0.75,
+    c.add_argument("--token-merging", type=number_arg("--token-merging", above=0.0, maximum=TOKEN_MERGING_MAX,
                                                       rule=TOKEN_MERGING_RULE), metavar="RATIO",
                    help="ToMe: merge this fraction of tokens before each self-attention at the UNet's highest "
                         f"resolution, copied back after it ({TOKEN_MERGING_RULE}; e.g. 0.5)")

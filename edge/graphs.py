@@ -50,14 +50,15 @@ class Graphs:
         """Ask the OS to start reading graph k's files now (a chunk loaded for every call: its read then overlaps
         the chunk running before it). Read-ahead fills the page cache, which is not the process's memory; where
         the OS has no posix_fadvise (macOS) the chunk is read when it loads."""
+        if not hasattr(os, "posix_fadvise"):
+            return
         graph = component.graphs[k]
-        for rel in (graph, graph + ".data"):
-            if rel in component.files and hasattr(os, "posix_fadvise"):
-                fd = os.open(self.bundle / rel, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
+        for rel in (r for r in (graph, graph + ".data") if r in component.files):
+            fd = os.open(self.bundle / rel, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def run(self, name: str, session: Session, feeds: dict[str, np.ndarray],
             outputs: list[str] | None = None) -> list[np.ndarray]:

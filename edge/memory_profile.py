@@ -24,7 +24,7 @@ PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_deco
             "tiny_vae_decoder")
 TAIL_TILES = (32, 24, 16)  # latent tile sides the tiled decoder's tail is measured at (its activations are
 # large even per tile: SD 1.5's tail on a 64x64 latent tile takes ~2 GB, on 16x16 ~0.3 GB)
-HIDDEN_SCALE = 2  # the tiled decoder's tail reads the head's output: 2 x the latent's side (one up block)
+HIDDEN_SCALE = 2  # the tail reads the head's output: 2 ** converters/tiled_vae.HEAD_UP_BLOCKS x the latent's side
 MIN_SIDE = 32  # latent pixels
 
 

@@ -12,6 +12,11 @@ from collections.abc import Callable
 from numbers import Integral, Real
 from typing import Any
 
+# Token merging (converters/tome.py): one destination token per 2x2 window, so at most 3 tokens of 4 can merge.
+TOKEN_MERGING_MAX = 0.75
+TOKEN_MERGING_RULE = (f"a ratio > 0 and <= {TOKEN_MERGING_MAX:g} (the fraction of tokens merged; one destination "
+                      "per 2x2 window)")
+
 FLOAT32_MAX = 3.4028234663852886e38  # the runtime computes in float32: beyond this a "finite" float is inf
 GUIDANCE_RULE = "a finite number >= 0 (<= 1 skips the unconditional pass)"
 
