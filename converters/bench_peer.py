@@ -5,7 +5,7 @@ Run by path with whichever Python has the peer installed (the optimum and OpenVI
 virtual environments), so this file imports only the standard library at the top, and never imports `edge`:
 
     python bench_peer.py SPEC.json      # SPEC: {"peer": "diffusers" | "diffusers-int8" | "optimum" | "optimum-int8"
-                                        #        | "openvino" | "openvino-int8",
+                                        #        | "openvino" | "openvino-f32" | "openvino-int8",
                                         #        "mode": "run" | "export" | "quantize", ...}
 
 It writes SPEC["out_json"] (timings of its own calls, the peak RSS the kernel recorded for this process)
@@ -142,13 +142,16 @@ OV_TYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 def load_openvino(spec: dict, calls: list):
     """optimum-intel's pipeline on OpenVINO's CPU plugin, compiled with OpenVINO's own defaults but for the
-    thread count: the inference precision is the one OpenVINO picks on this CPU, read back and reported."""
+    thread count: the inference precision is the one OpenVINO picks on this CPU (openvino-f32: held to fp32),
+    read back and reported."""
     import diffusers
     import openvino as ov
     from optimum.intel import OVStableDiffusionPipeline
     from optimum.intel.version import __version__ as intel_version
 
     ov_config = {} if spec["threads"] is None else {"INFERENCE_NUM_THREADS": spec["threads"]}
+    if spec["peer"] == "openvino-f32":
+        ov_config["INFERENCE_PRECISION_HINT"] = "f32"
     # compiles every part for the CPU, as a user's from_pretrained does: part of the load time
     pipe = OVStableDiffusionPipeline.from_pretrained(spec["openvino_dir"], ov_config=ov_config, local_files_only=True)
     inference = {}

@@ -27,7 +27,7 @@ from edge.bench_probe import system_info
 from edge.bench_run import measure_edge
 from edge.plan import parse_bytes
 from edge.bundle import read_manifest
-from edge.validate import GUIDANCE_RULE, count_arg, number_arg
+from edge.validate import GUIDANCE_RULE, check_cache_interval, count_arg, number_arg
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 EDGE_BACKENDS = ("onnx", "openvino")  # edge's own engines: --backends
@@ -43,10 +43,11 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
           scheduler: str = "euler", prompt: str = DEFAULT_PROMPT, negative_prompt: str = "", seed: int = 0,
           threads: int | None = None, memory_budget: int | None = None, peers: str = "auto",
           peer_model_dir: Path | None = None, out: Path | None = None, label: str | None = None,
-          backends: str = "onnx", log: Log = _stderr) -> tuple[dict[str, Any], dict[str, Path]]:
+          backends: str = "onnx", cache_interval: int = 1, log: Log = _stderr) -> tuple[dict[str, Any], dict[str, Path]]:
     """Measure `bundle` (or the cached random-weight bundle of `arch`) on each of edge's `backends` (comma list
     of onnx, openvino: the first in this process, the others each in a fresh one) and the requested peers; write
-    results.json / results.md / results.png into `out`. Returns the results and the paths written."""
+    results.json / results.md / results.png into `out`. `cache_interval` N > 1 runs edge with DeepCache (the
+    peers have no such option). Returns the results and the paths written."""
     _check_args(bundle, arch, random_weights, steps, repeat, threads, height, width, memory_budget)
     engines = _parse_backends(backends, memory_budget)
     wanted, explicit = _parse_peers(peers)
@@ -58,6 +59,7 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
     if arch is not None:
         bundle, model = arch_bundle(arch, log)
     manifest = read_manifest(bundle)
+    check_cache_interval(manifest, cache_interval)
     height, width = _size(manifest, height, width)
     label = label if label is not None else (f"{arch}-random" if arch else Path(bundle).resolve().name)
     out = Path(out) if out is not None else Path("bench-results") / f"{_slug(label)}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -68,7 +70,7 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
                            skipped, log, scheduler=scheduler)
     measure = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
                "scheduler": scheduler, "seed": seed, "height": height, "width": width, "repeat": repeat,
-               "threads": threads, "memory_budget": memory_budget}
+               "threads": threads, "memory_budget": memory_budget, "cache_interval": cache_interval}
     run = measure_edge(Path(bundle), **measure, image_path=out / "edge.png", latents_path=out / "latents.npy",
                        log=log, backend=engines[0])
     runs = [run] + [_edge_elsewhere(Path(bundle), b, measure, out, log) for b in engines[1:]]
@@ -92,7 +94,7 @@ def bench(bundle: Path | None = None, *, arch: str | None = None, random_weights
         "config": {"bundle": str(bundle), "arch": arch, "random_weights": random_weights, "steps": steps,
                    "height": height, "width": width, "repeat": repeat, "guidance": guidance, "scheduler": scheduler,
                    "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "threads": threads,
-                   "peers_requested": sorted(wanted)},
+                   "cache_interval": cache_interval, "peers_requested": sorted(wanted)},
         "system": system_info(),
         "bundle": _bundle_info(Path(bundle), manifest),
         "runs": runs,
@@ -305,6 +307,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--backends", default="onnx", help=f"edge's engines to measure, comma list of "
                    f"{','.join(EDGE_BACKENDS)} (default onnx); the report names the fastest")
     b.add_argument("--peer-model", type=Path, help="diffusers folder the peers load (default: the bundle's source)")
+    b.add_argument("--cache-interval", type=count_arg("--cache-interval"), default=1, metavar="N",
+                   help="edge with DeepCache: the whole UNet every N steps (bundles converted with --deep-cache)")
     b.add_argument("--label", help="name of this run in tables and plots")
     b.add_argument("-o", "--output", type=Path, help="results folder (default bench-results/LABEL-TIME)")
     b.set_defaults(run=run_from_args)
@@ -328,7 +332,7 @@ def run_from_args(a: argparse.Namespace) -> int:
         negative_prompt=a.negative_prompt, seed=a.seed, threads=a.threads,
         memory_budget=None if a.memory_budget is None else parse_size(a.memory_budget),
         peers="none" if a.no_peers else a.peers, peer_model_dir=a.peer_model, out=a.output, label=a.label,
-        backends=a.backends)
+        backends=a.backends, cache_interval=a.cache_interval)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 1 if any(not r["ok"] for r in results["runs"]) else 0

@@ -21,9 +21,10 @@ from edge.bench_probe import run_child, summarize
 
 Log = Callable[[str], None]
 # The int8 peers are what each library's own tools give without calibration, the sdcpp ones stable-diffusion.cpp's
-# own 8- and 4-bit gguf weights; run only when asked for.
-PEERS = ("diffusers", "optimum", "openvino", "diffusers-int8", "optimum-int8", "openvino-int8", "sdcpp-q8_0",
-         "sdcpp-q4_0")
+# own 8- and 4-bit gguf weights, openvino-f32 OpenVINO held to fp32 inference (its default on a CPU with bf16 or
+# AMX is bf16): the equal-precision peer of an fp32 bundle. Run only when asked for.
+PEERS = ("diffusers", "optimum", "openvino", "openvino-f32", "diffusers-int8", "optimum-int8", "openvino-int8",
+         "sdcpp-q8_0", "sdcpp-q4_0")
 AUTO_PEERS = ("diffusers", "optimum", "openvino")  # `--peers auto`: these, where ready
 # Each peer library that pins transformers differently from edge's converters gets its own environment.
 # torch goes first and pinned: any other route makes pip pull a multi-GB CUDA build.

@@ -20,10 +20,10 @@ Log = Callable[[str], None]
 def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int, guidance: float,
                  scheduler: str, seed: int, height: int, width: int, repeat: int, threads: int | None,
                  image_path: Path, latents_path: Path, log: Log, memory_budget: str | None = None,
-                 backend: str = "onnx") -> dict[str, Any]:
+                 backend: str = "onnx", cache_interval: int = 1) -> dict[str, Any]:
     """Load `bundle` on `backend` (onnx: onnxruntime; openvino) and generate `repeat` times from the same
     initial latents, drawn from `seed` exactly as `edge generate --seed` draws them and saved to `latents_path`
-    for the peers."""
+    for the peers; `cache_interval` N > 1: DeepCache (the whole UNet every N steps)."""
     t0 = time.time()
     baseline = read_rss()
     with RssSampler() as sampler:
@@ -54,7 +54,7 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         for k in range(repeat):
             result = pipe.generate(prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                                    scheduler=scheduler, seed=seed, height=height, width=width, latents=latents,
-                                   callback=_step_progress(f"[edge] run {k + 1}/{repeat}"))
+                                   cache_interval=cache_interval, callback=_step_progress(f"[edge] run {k + 1}/{repeat}"))
             totals.append(result.timings["total"])
         end = time.time()
     peak, peak_source = peak_rss_self()
@@ -63,6 +63,8 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
     result.images[0].save(image_path)
 
     provider, runtime, versions = _engine(pipe, backend)
+    if cache_interval > 1:
+        runtime += f", DeepCache: whole UNet every {cache_interval} steps"
     stage_calls = {stage: [b - a for s, a, b in calls if s == stage] for stage in ("text_encoder", "unet", "vae_decoder")}
     per_generation = {stage: _per_generation(v, repeat) for stage, v in stage_calls.items()}
     unet_calls = stage_calls["unet"]
@@ -84,6 +86,7 @@ def measure_edge(bundle: Path, *, prompt: str, negative_prompt: str, steps: int,
         "text_encoder_s": summarize(per_generation["text_encoder"]),
         "unet_call_s": {**summarize(unet_calls), "first": unet_calls[0] if unet_calls else None},
         "unet_calls_per_generation": len(unet_calls) // repeat,
+        "cache_interval": cache_interval,
         "unet_batch": (pipe.plan.guidance_batch if guidance > 1 else 1) * latents.shape[0],
         "memory_budget": memory_budget,
         "plan": pipe.plan.describe() if pipe.plan is not None and pipe.plan.stages else None,

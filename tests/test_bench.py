@@ -179,11 +179,12 @@ def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
     (["--arch", "sdxl", "--random-weights"], "not supported yet"),
     (["--arch", "sd15"], "needs --random-weights"),
     (["BUNDLE", "--peers", "onnx"],
-     "unknown peer(s) onnx; known: diffusers, optimum, openvino, diffusers-int8, optimum-int8, openvino-int8"),
+     "unknown peer(s) onnx; known: diffusers, optimum, openvino, openvino-f32, diffusers-int8, optimum-int8, openvino-int8"),
     (["BUNDLE", "--memory-budget", "lots"], "is not a size"),
     (["compare", "nothing.json", "nothing2.json"], "no bench results at nothing.json"),
     (["BUNDLE", "--backends", "onnx,tensorrt"], "--backends 'onnx,tensorrt': expected a comma list of onnx, openvino"),
     (["BUNDLE", "--backends", "openvino", "--memory-budget", "2GB"], "bench it with --backends onnx"),
+    (["BUNDLE", "--cache-interval", "2"], "not cut for DeepCache; re-convert it with --deep-cache"),
 ])
 def test_bad_input_gives_one_clear_error(bundles, args, expected):
     args = [str(bundles["folder-epsilon"]) if a == "BUNDLE" else a for a in args]

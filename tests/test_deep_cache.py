@@ -99,6 +99,27 @@ def test_interval_one_is_the_uncut_unet(cut, bundles):
     assert psnr(plain.latents, ours.latents) >= 100
 
 
+def test_bench_measures_the_cached_run(cut, tmp_path):
+    """`edge bench --cache-interval 2`: edge's run is the cached generation (its image is generate's at that
+    interval, from the latents bench saved), and the report says so."""
+    from PIL import Image
+
+    from test_bench import run_bench
+
+    proc = run_bench(cut, "--steps", "4", "--no-peers", "--cache-interval", "2", "-o", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    run = results["runs"][0]
+    assert results["config"]["cache_interval"] == run["cache_interval"] == 2 and "DeepCache" in run["runtime"]
+    latents = np.load(tmp_path / "o" / "latents.npy")
+    pipe = Pipeline.load(cut)
+    cached = pipe.generate(results["config"]["prompt"], steps=4, latents=latents, cache_interval=2, guidance=7.5)
+    whole = pipe.generate(results["config"]["prompt"], steps=4, latents=latents, guidance=7.5)
+    benched = np.asarray(Image.open(tmp_path / "o" / "edge.png"))
+    assert np.array_equal(benched, np.asarray(cached.images[0]))
+    assert not np.array_equal(benched, np.asarray(whole.images[0]))
+
+
 def _shallow_reference(unet, sample, t, context, deep):
     """The outermost level of diffusers' UNet2DConditionModel with `deep` as the hidden state entering its last up
     block: what a cached step computes (DeepCache's skip branch)."""
