@@ -30,6 +30,7 @@ from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
+from edge.converters.weight_map import LORA_COMPONENTS, WEIGHT_MAP, fuse_loras, locate, match_weights
 from edge.converters.tome import MAX_RATIO, RATIO_RULE, install_token_merging, versus_unmerged
 from edge.converters.aligned import realign
 from edge.converters.split import run_chunks, split_graph
@@ -77,6 +78,7 @@ class Options:
     tiny_vae: str | None = None  # a local diffusers AutoencoderTiny folder (TAESD): previews, --decoder tiny
     deep_cache: bool = False  # cut the UNet where DeepCache skips its deep part (generate --cache-interval N)
     token_merging: float | None = None  # ToMe ratio in (0, 0.75]: merge tokens before highest-resolution attn1
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale) fused into the weights before export
 
     def __post_init__(self) -> None:
         if not self.targets or any(t not in TARGETS for t in self.targets):
@@ -181,6 +183,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     default_image = tuple(d * vae_scale for d in ((sample, sample) if isinstance(sample, int) else sample))
 
     components: dict[str, Any] = {}
+    loras = fuse_loras(pipe, list(options.loras), log) if options.loras else []
+    weight_map: dict[str, dict] = {}  # component -> where each Linear/Conv weight is (runtime LoRA)
     tiny = _tiny_vae(src, options)
     specs = component_specs(pipe) + (tiled_vae_specs(pipe) if options.tiled_vae else [])
     specs += [] if tiny is None else [tiny_vae_spec(tiny[1])]
@@ -211,6 +215,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             log(f"  {spec.name:<12} token merging {tome.ratio:g} in {len(tome.blocks)} blocks: "
                 f"{merging['token_merging']['psnr_vs_unmerged_db']:.1f} dB vs the unmerged UNet")
         feeds = {i["name"]: x.numpy() for i, x in zip(spec.inputs, parity_inputs)}
+        matched = match_weights(getattr(pipe, spec.name), files[0]) if spec.name in LORA_COMPONENTS else None
         if spec.name == "unet" and "coreml" not in options.targets:
             pipe.unet.to("meta")  # exported and checked: free its weights (3.4 GB for SD 1.5) before quantizing
         record: dict[str, Any] = {"precision": "fp32", "quantization": {}}
@@ -234,6 +239,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
                 record["deep_cache"] = deep_cache_record(chunks, parts, at)
         elif sum(f.stat().st_size for f in files) > min(external_data_over, MAPPED_OVER):
             files = realign(files)  # weights page-aligned in a .data file: onnxruntime maps them (no copy)
+        if matched is not None:
+            weight_map[spec.name] = locate(matched, [tmp / c["file"] for c in chunks] if chunks else files[:1])
         components[spec.name] = {
             "file": files[0].name,
             "files": {f.name: sha256_file(f) for f in files},
@@ -261,6 +268,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
                                                            m, options.threads, log, scale=vae_scale)
 
     tok_dir = _write_tokenizer(pipe.tokenizer, tmp / "tokenizer", tmp / ".scratch")
+    if weight_map:
+        (tmp / WEIGHT_MAP).write_text(json.dumps(weight_map, indent=1) + "\n", encoding="utf-8")
 
     scheduler = stated_config(pipe.scheduler.config)  # what the model states; each sampler fills in the rest
     try:  # refuse now, not at the first `edge generate`
@@ -291,6 +300,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             "sha256": sha256_file(tok_dir / "vocab.json"),
         },
         "components": components,
+        **({"weight_map": WEIGHT_MAP} if weight_map else {}),
         "preview": fit_preview(pipe.vae, (sample[0] * vae_scale, sample[1] * vae_scale), vae_scale),
         "source": {
             "name": src.name,
@@ -300,6 +310,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             "torch": torch.__version__,
             "diffusers": _version("diffusers"),
             "onnx_opset": OPSET,
+            **({"loras": loras} if loras else {}),
         },
     }
 

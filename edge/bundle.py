@@ -91,6 +91,9 @@ class Manifest:
     # {"weights": (3, C), "bias": (3,), "psnr_db"}: latents -> RGB for previews (edge.stages.preview); {} if older
     preview: dict[str, Any] = field(default_factory=dict)
     hashes_every_file: bool = True
+    # weights.json: where each Linear/Conv weight of the UNet and text encoder is stored (edge.adapters, LoRA at
+    # run time); "" in bundles from before it
+    weight_map: str = ""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -155,6 +158,7 @@ def parse_manifest(d: dict[str, Any], where: str) -> Manifest:
             preview=dict(d.get("preview", {})),
             files=_older_files(d) if "files" not in d else _file_map(d["files"], where),
             hashes_every_file="files" in d,
+            weight_map=str(d.get("weight_map", "")),
         )
     except (KeyError, TypeError, IndexError) as e:
         raise BundleError(f"{where}: manifest is missing or has a malformed field: {e}") from None

@@ -16,7 +16,7 @@ from typing import NoReturn
 from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
 from edge.validate import (GUIDANCE_RULE, TOKEN_MERGING_MAX, TOKEN_MERGING_RULE, check_cache_interval, check_decoder,
-                           count_arg, number_arg)
+                           count_arg, lora_arg, number_arg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +52,7 @@ def _convert(a: argparse.Namespace) -> int:
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
                       tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
                       coreml=_coreml_options(a), tiny_vae=a.tiny_vae, deep_cache=a.deep_cache,
-                      token_merging=a.token_merging)
+                      token_merging=a.token_merging, loras=tuple(a.lora))
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
@@ -100,7 +100,7 @@ def _generate(a: argparse.Namespace) -> int:
         scheduler=a.scheduler, seed=a.seed, height=a.height, width=a.width,
         num_images=a.num_images, callback=_progress_bar(_previews(pipe, a)), image=image, strength=a.strength,
         mask=a.mask, mask_blur=a.mask_blur, expand=a.expand, prompt_syntax=a.prompt_syntax, decoder=a.decoder,
-        cache_interval=a.cache_interval,
+        cache_interval=a.cache_interval, loras=a.lora, lora_dir=a.lora_dir,
     )
     out = Path(a.output)
     for k, image in enumerate(result.images):
@@ -344,6 +344,11 @@ def _add_generate(sub) -> None:
     g.add_argument("--cache-interval", type=count_arg("--cache-interval"), default=1, metavar="N",
                    help="DeepCache: the whole UNet every N steps, its outer level alone between (bundles converted "
                         "with --deep-cache; 1 = off)")
+    g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors, diffusers/PEFT or kohya layout) at this scale (default 1) "
+                        "without re-converting; repeat for several. `<lora:NAME:SCALE>` in the prompt also works, "
+                        "with --lora-dir")
+    g.add_argument("--lora-dir", metavar="DIR", help="folder where <lora:NAME:SCALE> finds NAME.safetensors")
     g.add_argument("--decoder", default="full", choices=("full", "tiny"),
                    help="final decoder: the full VAE decoder, or the bundle's tiny autoencoder (faster, less detail)")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "
@@ -405,6 +410,8 @@ def _add_convert(sub) -> None:
                                                       rule=TOKEN_MERGING_RULE), metavar="RATIO",
                    help="ToMe: merge this fraction of tokens before each self-attention at the UNet's highest "
                         f"resolution, copied back after it ({TOKEN_MERGING_RULE}; e.g. 0.5)")
+    c.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA into the weights before export (recorded in the manifest); repeat for several")
     c.add_argument("--tiny-vae", metavar="DIR", help="add a tiny autoencoder (a local diffusers AutoencoderTiny "
                    "folder, e.g. TAESD) for previews and --decoder tiny; the default model ships its own")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "

@@ -162,6 +162,12 @@ class CoreMLPipeline(Pipeline):
                               f"the whole-latent decode needs a larger budget (plan: {plan.describe()})")
         return plan
 
+    def use_loras(self, loras: list) -> list:
+        if loras:
+            raise CoreMLBackendError("LoRA at run time is not built for Core ML graphs; fuse it into the bundle with "
+                                     "`edge convert MODEL --lora FILE:SCALE --target coreml`")
+        return []
+
     def _new_session(self, component: Component, k: int) -> Any:
         """Graph k as an MLModel behind the sessions' interface (edge.graphs checks its files first)."""
         ct = import_coremltools()

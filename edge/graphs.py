@@ -39,6 +39,14 @@ class Graphs:
             self.load_seconds[name] = time.perf_counter() - t
         return loaded
 
+    def reload(self, name: str, k: int) -> None:
+        """Graph k of a component again, if it is resident (its weights changed: run-time LoRA)."""
+        loaded = self.sessions.get(name, [])
+        if k < len(loaded):
+            loaded[k] = None  # the old session goes before the new one is made
+            release_memory()
+            loaded[k] = self.load(self.manifest.components[name], k)
+
     def load(self, component: Component, k: int) -> Session:
         """Graph k of a component as a new session (not kept: `open` keeps); its files are checked once."""
         if self._verify and component.name not in self._verified:

@@ -112,6 +112,12 @@ class OpenVINOPipeline(Pipeline):
         return cls._start(bundle, manifest, None, [], None, verify, preload, threads=threads,
                           inference_precision=inference_precision)
 
+    def use_loras(self, loras: list) -> list:
+        if loras:
+            raise OpenVINOBackendError("LoRA at run time hands onnxruntime the changed weights; use backend='onnx', "
+                                       "or fuse the LoRA into the bundle with `edge convert MODEL --lora FILE:SCALE`")
+        return []
+
     def _new_session(self, component: Component, k: int) -> Any:
         """Graph k compiled for the CPU (edge.graphs checks its files first)."""
         if self._core is None:  # one Core for every graph: it holds the plugin and its thread pool

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -13,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from edge.adapters import Adapters, describe, lora_files
 from edge.bundle import Component, Manifest, read_manifest, verify_tokenizer
 from edge.graphs import Graphs
 from edge.images import ImageInput, paste_back, to_tensor
@@ -20,7 +22,7 @@ from edge.inputs import image_inputs, image_size, output_size
 from edge.memprobe import lean_malloc, rss_bytes
 from edge.plan import TINY, Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
-from edge.sessions import open_session, session_options
+from edge.sessions import open_session, session_options, with_initializers
 from edge.stages import decode as decode_stage
 from edge.stages.denoise import Blend, denoise, unet_call
 from edge.stages.inpaint import INPAINT_CHANNELS, blend, prepare, unet_channels
@@ -52,6 +54,7 @@ class Pipeline:
         self.memory_budget = memory_budget
         self._options, self.providers = options, providers
         self.graphs = Graphs(bundle, manifest, self._new_session, verify)  # sessions, opened and freed by plan
+        self.adapters = Adapters(bundle, manifest, verify)  # run-time LoRA: weights given in place of the graph's
         self._base_rss = rss_bytes()  # the process before any graph: what the planner adds to
         self.plan: Plan | None = None  # the plan of the latest generate() (or of load())
         self.denoised: np.ndarray | None = None  # (N, C, h, w) the latest step's estimate of the clean latents
@@ -98,7 +101,8 @@ class Pipeline:
             lean_malloc()  # freed buffers leave the process at once, as the planner's figures were measured
         options = {int8: session_options(threads, memory_arena, optimization, int8=int8) for int8 in (True, False)}
         providers = ["CPUExecutionProvider"] if providers is None else providers
-        return cls._start(bundle, manifest, options, providers, budget, verify, preload)
+        args = {"threads": threads, "memory_arena": memory_arena, "optimization": optimization}
+        return cls._start(bundle, manifest, options, providers, budget, verify, preload, _option_args=args)
 
     @classmethod
     def _start(cls, bundle: Path, manifest: Manifest, options, providers: list[str], budget: int | None,
@@ -134,7 +138,7 @@ class Pipeline:
                  image: ImageInput | None = None, strength: float = 0.75, resize: bool = False,
                  mask: ImageInput | None = None, mask_blur: int = 0,
                  expand: tuple[int, int, int, int] | None = None, prompt_syntax: str = "auto",
-                 decoder: str = "full", cache_interval: int = 1) -> Result:
+                 decoder: str = "full", cache_interval: int = 1, loras=(), lora_dir: Path | str | None = None) -> Result:
         """Text to image, or with `image` (PIL image or path) img2img: the image encoded, noised to `strength`
         (0 < strength <= 1: the fraction of the steps that run) and denoised from there. `resize` fits an image
         whose size the bundle does not accept to the nearest size it does (else it is refused, naming it).
@@ -142,8 +146,12 @@ class Pipeline:
         bottom pixels) outpainting: only the masked area is redrawn, the rest is pasted back from the input.
         `prompt_syntax`: "auto", "a1111" (`(word:1.3)`), "compel" (`word++`) or "none" (edge.prompts).
         `decoder`: "full" (the VAE decoder) or "tiny" (the bundle's tiny autoencoder: faster, less detail).
-        `cache_interval` N > 1: DeepCache, the whole UNet every N steps (bundles converted with --deep-cache)."""
+        `cache_interval` N > 1: DeepCache, the whole UNet every N steps (bundles converted with --deep-cache).
+        `loras`: [(LoRA file, scale)] applied for this generation (edge.adapters), with any `<lora:NAME:SCALE>` in
+        the prompts (NAME.safetensors in `lora_dir`); only the graphs whose weights change are reloaded."""
         guidance, seed = check_generate(guidance, seed)
+        text, negative_text, active = lora_files(self.adapters, loras, prompt, negative_prompt, lora_dir)
+        self.use_loras(active)
         check_decoder(self.manifest, decoder)
         check_cache_interval(self.manifest, cache_interval)
         picture, soft = image_inputs(self.graphs, image, resize, mask, mask_blur, expand)
@@ -179,7 +187,7 @@ class Pipeline:
         mixing = None if repaint is None or nine else blend(sched, x0, latents, repaint.latent_mask)
 
         t = time.perf_counter()
-        context = self.encode_text(prompt, negative_prompt, guided=guided, copies=latents.shape[0],
+        context = self.encode_text(text, negative_text, guided=guided, copies=latents.shape[0],
                                    syntax=prompt_syntax)
         self._done_with("text_encoder")
         timings["text_encoder"] = time.perf_counter() - t
@@ -209,7 +217,8 @@ class Pipeline:
                   **({"mask": True, "mask_blur": mask_blur} if mask is not None else {}),
                   **({"expand": list(expand)} if expand is not None else {}),
                   **({"decoder": decoder} if decoder != "full" else {}),
-                  **({"cache_interval": cache_interval} if cache_interval != 1 else {})}
+                  **({"cache_interval": cache_interval} if cache_interval != 1 else {}),
+                  **({"loras": describe(active)} if active else {})}
         return Result(images=images, timings=timings, params=params, latents=x)
 
     # ----------------------------------------------------------------------- the stages, on this bundle
@@ -268,9 +277,21 @@ class Pipeline:
     def timed_calls(self, calls: list[tuple[str, float, float]] | None) -> None:
         self.graphs.timed_calls = calls
 
+    def use_loras(self, loras: list) -> list[tuple[str, int]]:
+        """Make [(LoraFile, scale)] the active LoRAs; the resident graphs whose weights change are reloaded and
+        returned as (component, graph index)."""
+        changed = self.adapters.use(loras, warn=lambda m: warnings.warn(m, stacklevel=4))
+        for name, k in changed:
+            self.graphs.reload(name, k)
+        return changed
+
     def _new_session(self, component: Component, k: int) -> ort.InferenceSession:
-        """Graph k of a component as an onnxruntime session (the Core ML backend makes MLModels instead)."""
-        options = self._options[component.precision.startswith("int8")]  # int8 graphs: exact kernels (edge.cpu)
+        """Graph k of a component as an onnxruntime session (the Core ML backend makes MLModels instead), with
+        the active LoRAs' weights in place of the graph's own."""
+        int8 = component.precision.startswith("int8")  # int8 graphs: exact kernels (edge.cpu)
+        weights = self.adapters.overrides.get((component.name, k))
+        options = self._options[int8] if not weights else with_initializers(
+            self._option_args, int8, weights, self.adapters.alive.setdefault((component.name, k), []))
         return open_session(self.bundle / component.graphs[k], options, self.providers)
 
     def _done_with(self, name: str) -> None:

@@ -111,3 +111,21 @@ def _shown(value: object) -> str:
 def _typed(text: str) -> str:
     """Command-line text as typed: bare, unless empty or padded with spaces."""
     return text if text and text.strip() == text else repr(text)
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """argparse type for `--lora FILE[:SCALE]` (scale 1 when left out): a finite scale, else a parse error."""
+    import argparse
+    import math
+
+    path, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or tail.lower().endswith(".safetensors"):
+        path, tail = text, "1"
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: scale {tail!r} is not a number; expected FILE[:SCALE] "
+                                         "with SCALE a finite number (e.g. style.safetensors:0.8)") from None
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: scale {tail!r} is not a finite number")
+    return path, scale
