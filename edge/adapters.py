@@ -86,9 +86,14 @@ class Adapters:
                 self.applied.pop(key, None)
         return sorted(changed)
 
-    def extra_bytes(self, component: str) -> int:
-        """Memory the overriding weights hold for a component (they live as long as its sessions)."""
-        return sum(a.nbytes for (c, _), values in self.overrides.items() if c == component for a in values.values())
+    def extra_bytes(self, component: str | None = None) -> int:
+        """Memory the changed weights hold for a component (None: all), with the LoRA files read for them: they
+        stay resident while the LoRAs are active, whether or not their graphs are loaded (the planner counts
+        them in the base)."""
+        weights = sum(a.nbytes for (c, _), values in self.overrides.items() if component in (None, c)
+                      for a in values.values())
+        files = sum(x.nbytes for f in self._files.values() for layer in f.layers for x in (layer.up, layer.down))
+        return weights + (files if component is None else 0)
 
     def _weights(self, key: GraphKey, resolved) -> dict[str, np.ndarray]:
         component, k = key

@@ -129,8 +129,8 @@ class Pipeline:
         if self.memory_budget is None:
             return Plan(None, True, 2 if guided else 1, False, None, 0, self._base_rss, (),
                         notes=int8_notes(self.manifest), decoder=decoder, tiny_previews=True)
-        return make_plan(self.manifest, self.memory_budget, height, width, num_images=num_images,
-                         guided=guided, base=self._base_rss, image=image, decoder=decoder)
+        return make_plan(self.manifest, self.memory_budget, height, width, num_images=num_images, guided=guided,
+                         base=self._base_rss + self.adapters.extra_bytes(), image=image, decoder=decoder)
 
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  scheduler: str = "euler", seed: int = 0, height: int | None = None, width: int | None = None,

@@ -215,3 +215,12 @@ def test_older_bundles_and_other_engines_say_what_to_do(bundles, loras, tmp_path
     pytest.importorskip("openvino")
     with pytest.raises(ValueError, match="use backend='onnx'"):
         _edge(Pipeline.load(bundles["folder-epsilon"], backend="openvino"), [(loras["kohya"], 1.0)])
+
+
+def test_the_planner_counts_the_changed_weights(bundles, loras):
+    pipe = Pipeline.load(bundles["folder-epsilon"], memory_budget="4GB")
+    before = pipe.plan_for(64, 64).peak
+    pipe.use_loras([(pipe.adapters.read(loras["kohya"]), 1.0)])
+    held = pipe.adapters.extra_bytes()
+    assert held > pipe.adapters.extra_bytes("unet") > 0 and pipe.adapters.extra_bytes("text_encoder") > 0
+    assert pipe.plan_for(64, 64).peak == before + held
