@@ -27,11 +27,11 @@ def _key(array: np.ndarray) -> tuple:
 
 
 def match_weights(model: torch.nn.Module, graph: Path) -> dict[str, tuple[str, bool]]:
-    """weight name (`down_blocks.0.resnets.0.conv1.weight`) -> (initializer, transposed) for each Linear / Conv2d
-    weight of `model` that the fp32 graph at `graph` stores as an initializer."""
+    """weight name (`down_blocks.0.resnets.0.conv1.weight`) -> (initializer, transposed) for each Linear / Conv2d /
+    Embedding weight of `model` that the fp32 graph at `graph` stores as an initializer."""
     wanted: dict[tuple, list[tuple[str, bool]]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+    for name, module in model.named_modules():  # Embedding: the token table, which textual inversion grows
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
             w = module.weight.detach().float().numpy()
             wanted.setdefault(_key(w), []).append((name + ".weight", False))
             if w.ndim == 2:

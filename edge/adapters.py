@@ -20,10 +20,12 @@ from typing import Any, Callable
 import numpy as np
 
 from edge.bundle import Manifest, verify_paths
+from edge.embeddings import Embedding, EmbeddingError, grown_table
 from edge.lora import LoraError, LoraFile, apply_changes, parse_scale, read_lora, resolve
 from edge.weights_io import read_initializers
 
 GraphKey = tuple[str, int]  # (component, graph index in run order)
+TOKEN_TABLE = "embeddings.token_embedding.weight"  # the text encoder's, as weights.json names it
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Adapters:
     alive: dict[GraphKey, list] = field(default_factory=dict)  # the OrtValues over them, held with the sessions
     _map: dict[str, dict[str, dict]] | None = None
     _files: dict[tuple, LoraFile] = field(default_factory=dict)  # read once per (path, size, mtime)
+    embeddings: list[Embedding] = field(default_factory=list)  # textual inversion, in the order loaded
+    _token_ids: list[list[int]] = field(default_factory=list)
 
     def read(self, path: Path | str) -> LoraFile:
         path = Path(path)
@@ -63,18 +67,20 @@ class Adapters:
     def use(self, loras: list[tuple[LoraFile, float]], warn: Callable[[str], None] | None = None) -> list[GraphKey]:
         """Make `loras` the active set (empty: none); returns the graphs whose weights changed, which the caller
         reloads. Graphs not touched by the old or the new set keep their sessions."""
-        wanted: dict[GraphKey, tuple] = {}
-        resolved = None
-        if loras:
+        by_graph: dict[GraphKey, list] = {}
+        resolved = resolve(loras, {c: set(w) for c, w in self.weight_map().items()}, warn=warn) if loras else None
+        if resolved is not None:
             where = self.weight_map()
-            resolved = resolve(loras, {c: set(w) for c, w in where.items()}, warn=warn)
             sha = {id(layer): lora.sha256 for lora, _ in loras for layer in lora.layers}
-            by_graph: dict[GraphKey, list] = {}
             for (component, weight), changes in resolved.changes.items():
                 key = (component, where[component][weight]["graph"])
                 by_graph.setdefault(key, []).extend((weight, sha[id(layer)], layer.module, scale)
                                                     for layer, scale in changes)
-            wanted = {k: tuple(sorted(v)) for k, v in by_graph.items()}
+        if self.embeddings:  # the token table, grown by every embedding loaded
+            name, table = self._table()
+            by_graph.setdefault(("text_encoder", table["graph"]), []).append(
+                (name, "", " ".join(e.token for e in self.embeddings), 1.0))
+        wanted = {k: tuple(sorted(v)) for k, v in by_graph.items()}
         changed = [k for k in set(self.applied) | set(wanted) if self.applied.get(k) != wanted.get(k)]
         for key in changed:
             self.alive.pop(key, None)
@@ -95,10 +101,28 @@ class Adapters:
         files = sum(x.nbytes for f in self._files.values() for layer in f.layers for x in (layer.up, layer.down))
         return weights + (files if component is None else 0)
 
+    def add_embedding(self, embedding: Embedding, tokenizer) -> Embedding:
+        """A textual-inversion embedding's tokens into the vocabulary, its vectors into the token table at the
+        next use(); its rows must follow the table's (the tokenizer numbers new words after the vocabulary)."""
+        name, entry = self._table()
+        if entry is None or entry["stored"] != "float":
+            raise EmbeddingError(f"{self.bundle} does not record its text encoder's token table as a float weight; "
+                                 "re-convert it to use textual-inversion embeddings")
+        width = self.manifest.components["text_encoder"].outputs[0].shape[-1]
+        grown_table(np.zeros((0, width), np.float32), [embedding])  # the width checked before the vocabulary grows
+        ids = tokenizer.add_words(embedding.tokens)
+        self.embeddings.append(embedding)
+        self._token_ids.append(ids)
+        return embedding
+
     def _weights(self, key: GraphKey, resolved) -> dict[str, np.ndarray]:
         component, k = key
         where = self.weight_map()[component]
-        changes = {w: ch for (c, w), ch in resolved.changes.items() if c == component and where[w]["graph"] == k}
+        changes = {} if resolved is None else {
+            w: ch for (c, w), ch in resolved.changes.items() if c == component and where[w]["graph"] == k}
+        table, entry = self._table() if self.embeddings and component == "text_encoder" else (None, None)
+        if entry is not None and entry["graph"] == k:
+            changes[table] = []
         entries = {w: where[w] for w in changes}
         names = {e["initializer"] for e in entries.values()}
         names |= {e[n] for e in entries.values() if e["stored"] == "int8" for n in ("scale", "zero_point")}
@@ -106,13 +130,33 @@ class Adapters:
         base = read_initializers(graph, names)
         out = {}
         for weight, e in entries.items():
-            if e["stored"] == "float":
+            if weight == table:
+                out[e["initializer"]] = self._grown(base[e["initializer"]])
+            elif e["stored"] == "float":
                 out[e["initializer"]] = apply_changes(base[e["initializer"]], changes[weight], e["transposed"])
             else:
                 q, scale, zero = base[e["initializer"]], base[e["scale"]], base[e["zero_point"]]
                 w = apply_changes(_dequantize(q, scale, zero), changes[weight], e["transposed"])
                 out[e["initializer"]], out[e["scale"]], out[e["zero_point"]] = _requantize(w, q, scale, zero)
         return out
+
+    def _table(self) -> tuple[str | None, dict | None]:
+        """(name, entry) of the text encoder's token table in weights.json (transformers before 5 nested it in
+        `text_model.`)."""
+        where = self.weight_map().get("text_encoder", {})
+        for name in (TOKEN_TABLE, "text_model." + TOKEN_TABLE):
+            if name in where:
+                return name, where[name]
+        return None, None
+
+    def _grown(self, table: np.ndarray) -> np.ndarray:
+        rows = len(table)
+        for e, ids in zip(self.embeddings, self._token_ids):
+            if ids != list(range(rows, rows + len(ids))):
+                raise EmbeddingError(f"{e.path.name}: its tokens got ids {ids[0]}…, not the rows after the token "
+                                     f"table's {rows}; this bundle's vocabulary and text encoder disagree")
+            rows += len(ids)
+        return grown_table(table, self.embeddings)
 
 
 def _channel_axis(q: np.ndarray, scale: np.ndarray) -> int | None:

@@ -71,12 +71,29 @@ def _coreml_options(a: argparse.Namespace):
                          attention=a.attention or "split_einsum")
 
 
+def _embeddings(a: argparse.Namespace) -> list[tuple[Path, str | None]]:
+    """--embedding FILE[:TOKEN] and every .safetensors in --embeddings-dir (token: the file's name)."""
+    found = []
+    if a.embeddings_dir is not None:
+        folder = Path(a.embeddings_dir)
+        if not folder.is_dir():
+            raise ValueError(f"--embeddings-dir {folder}: not a folder")
+        found += [(p, None) for p in sorted(folder.glob("*.safetensors"))]
+    for text in a.embedding:
+        path, sep, token = text.rpartition(":")
+        found.append((Path(path), token) if sep and "/" not in token and not token.endswith(".safetensors")
+                     else (Path(text), None))
+    return found
+
+
 def _generate(a: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
     from edge.png import save_image
 
     pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
                          compute_units=a.compute_units, inference_precision=a.inference_precision)
+    for path, token in _embeddings(a):
+        pipe.load_embedding(path, token)
     image = None
     if (a.mask is not None or a.expand is not None) and a.image is None:
         raise ValueError("--mask and --expand repaint part of a picture: give it with --image")
@@ -349,6 +366,11 @@ def _add_generate(sub) -> None:
                         "without re-converting; repeat for several. `<lora:NAME:SCALE>` in the prompt also works, "
                         "with --lora-dir")
     g.add_argument("--lora-dir", metavar="DIR", help="folder where <lora:NAME:SCALE> finds NAME.safetensors")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors, diffusers or A1111 layout): write its token "
+                        "(default: the file's key or name) in the prompt or negative prompt; repeat for several")
+    g.add_argument("--embeddings-dir", metavar="DIR", help="load every .safetensors embedding in DIR, each used by "
+                   "its file name (A1111's embeddings folder)")
     g.add_argument("--decoder", default="full", choices=("full", "tiny"),
                    help="final decoder: the full VAE decoder, or the bundle's tiny autoencoder (faster, less detail)")
     g.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1; default: all "

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from edge.adapters import Adapters, describe, lora_files
+from edge.embeddings import Embedding, read_embedding
 from edge.bundle import Component, Manifest, read_manifest, verify_tokenizer
 from edge.graphs import Graphs
 from edge.images import ImageInput, paste_back, to_tensor
@@ -260,13 +261,8 @@ class Pipeline:
 
     # ----------------------------------------------------------------------- sessions (edge.graphs)
 
-    @property
-    def sessions(self) -> dict[str, list]:
-        return self.graphs.sessions
-
-    @property
-    def load_seconds(self) -> dict[str, float]:
-        return self.graphs.load_seconds
+    sessions = property(lambda self: self.graphs.sessions)  # component -> its loaded sessions
+    load_seconds = property(lambda self: self.graphs.load_seconds)  # component -> seconds of its latest load
 
     @property
     def timed_calls(self) -> list[tuple[str, float, float]] | None:
@@ -277,9 +273,12 @@ class Pipeline:
     def timed_calls(self, calls: list[tuple[str, float, float]] | None) -> None:
         self.graphs.timed_calls = calls
 
+    def load_embedding(self, path: Path | str, token: str | None = None) -> Embedding:
+        """A textual-inversion embedding (edge.embeddings): its token works in prompts from the next generate()."""
+        return self.adapters.add_embedding(read_embedding(path, token), self.tokenizer)
+
     def use_loras(self, loras: list) -> list[tuple[str, int]]:
-        """Make [(LoraFile, scale)] the active LoRAs; the resident graphs whose weights change are reloaded and
-        returned as (component, graph index)."""
+        """Make [(LoraFile, scale)] the active LoRAs; reloads (and returns) the graphs whose weights change."""
         changed = self.adapters.use(loras, warn=lambda m: warnings.warn(m, stacklevel=4))
         for name, k in changed:
             self.graphs.reload(name, k)

@@ -7,12 +7,13 @@ match transformers' CLIPTokenizer, which Stable Diffusion pipelines use.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -53,9 +54,24 @@ class ClipTokenizer:
         self._tok.add_special_tokens([BOS, EOS])  # typed in a prompt, they stay one token each
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+        self._expand: dict[str, str] = {}  # a multi-vector word -> its tokens (textual inversion)
+
+    def add_words(self, tokens: list[str]) -> list[int]:
+        """New vocabulary entries (a textual-inversion embedding's, one per vector), matched whole in prompts
+        whatever their case; the first stands for all of them. Returns their ids, after the vocabulary's."""
+        tokens = [t.lower() for t in tokens]
+        taken = [t for t in tokens if self._tok.token_to_id(t) is not None]
+        if taken:
+            raise ValueError(f"token {taken[0]!r} is already in the vocabulary: give the embedding another token")
+        self._tok.add_tokens([AddedToken(t, single_word=False, normalized=True) for t in tokens])
+        if len(tokens) > 1:
+            self._expand[tokens[0]] = " ".join(tokens)
+        return [self._tok.token_to_id(t) for t in tokens]
 
     def encode(self, text: str) -> Encoded:
         """[BOS] prompt [EOS] [PAD]..., cut to max_length; `dropped` says how many prompt tokens did not fit."""
+        for word, tokens in self._expand.items():
+            text = re.sub(rf"(?<![\w_]){re.escape(word)}(?![\w_])", tokens, text, flags=re.IGNORECASE)
         body = self._tok.encode(text, add_special_tokens=False).ids
         room = self.max_length - 2
         dropped = max(0, len(body) - room)
