@@ -30,6 +30,9 @@ from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
+from edge.converters.controlnet import PREFIX as CONTROLNET
+from edge.converters.controlnet import (check_fits as check_controlnet, control_inputs, controlled_unet_spec,
+                                        controlnet_spec, load_controlnet, load_name)
 from edge.converters.weight_map import LORA_COMPONENTS, WEIGHT_MAP, fuse_loras, locate, match_weights
 from edge.converters.tome import MAX_RATIO, RATIO_RULE, install_token_merging, versus_unmerged
 from edge.converters.aligned import realign
@@ -79,6 +82,7 @@ class Options:
     deep_cache: bool = False  # cut the UNet where DeepCache skips its deep part (generate --cache-interval N)
     token_merging: float | None = None  # ToMe ratio in (0, 0.75]: merge tokens before highest-resolution attn1
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale) fused into the weights before export
+    controlnets: tuple[str, ...] = ()  # ControlNet folders / files (`SOURCE:NAME`): a graph each, the UNet takes them
 
     def __post_init__(self) -> None:
         if not self.targets or any(t not in TARGETS for t in self.targets):
@@ -112,6 +116,11 @@ class Options:
         tm = self.token_merging
         if tm is not None and (isinstance(tm, bool) or not isinstance(tm, (int, float)) or not 0 < tm <= MAX_RATIO):
             raise ConvertError(f"--token-merging {tm!r}: expected {RATIO_RULE}")
+        if self.controlnets and self.activations == "static":
+            raise ConvertError("--activations static with --controlnet: calibrating the UNet with ControlNet "
+                               "residuals is not built yet; use --precision int8 (dynamic) or fp32/fp16")
+        if self.controlnets and (self.deep_cache or "coreml" in self.targets):
+            raise ConvertError("--controlnet is built for the ONNX target without --deep-cache so far")
         if tm is not None and "coreml" in self.targets:
             raise ConvertError("--token-merging is made into the ONNX UNet; the Core ML target does not take it")
 
@@ -189,10 +198,19 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     specs = component_specs(pipe) + (tiled_vae_specs(pipe) if options.tiled_vae else [])
     specs += [] if tiny is None else [tiny_vae_spec(tiny[1])]
     specs = specs if "onnx" in options.targets else []  # a Core ML-only bundle: metadata and tokenizer here
+    controls = dict(load_controlnet(c) for c in options.controlnets)
+    if len(controls) != len(options.controlnets):
+        raise ConvertError("two --controlnet have the same name; name them SOURCE:NAME")
+    if controls:
+        for name, controlnet in controls.items():
+            check_controlnet(name, controlnet, pipe.unet)
+        plain_unet = next(s for s in specs if s.name == "unet")
+        specs = [controlled_unet_spec(s, pipe.unet) if s.name == "unet" else s for s in specs]
+        specs += [controlnet_spec(n, c, plain_unet, vae_scale) for n, c in controls.items()]
     for spec in specs:
         t = time.perf_counter()
         path = tmp / f"{spec.name}.onnx"
-        model = _attention_model(pipe, spec.name)
+        model = _attention_model(pipe, spec)
         tome = None
         if spec.name == "unet" and options.token_merging is not None:  # exported and checked with it installed
             tome = install_token_merging(pipe.unet, options.token_merging)
@@ -253,6 +271,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             **record,
             **({"chunks": chunks} if chunks else {}),
             **(_tiny_record(tiny, pipe.vae, default_image) if spec.name == TINY_VAE else {}),
+            **(_control_record(spec, options.controlnets) if controls and spec.name.startswith(CONTROLNET) else {}),
+            **({"control_inputs": control_inputs(pipe.unet.config)} if controls and spec.name == "unet" else {}),
         }
         extra = record["quantization"].get("psnr_vs_fp32_db")
         log(f"  {spec.name:<12} {parameters / 1e6:8.2f}M params  PSNR {check['psnr_db']:6.1f} dB  "
@@ -315,6 +335,12 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     }
 
 
+def _control_record(spec, sources: tuple[str, ...]) -> dict[str, Any]:
+    name = spec.name.removeprefix(CONTROLNET)
+    source = next(s for s in sources if load_name(s) == name)
+    return {"controlnet": {"name": name, "source": source, "residuals": [t["name"] for t in spec.outputs]}}
+
+
 def _tiny_vae(src: Source, options: Options) -> tuple[str, Any] | None:
     """(folder, AutoencoderTiny) to add as the tiny decoder: --tiny-vae, else one the source ships (the default
     model's), else none."""
@@ -333,11 +359,14 @@ def _tiny_record(tiny: tuple[str, Any], vae, image: tuple[int, int]) -> dict[str
     return {"source": source_info(folder, model), "fidelity": versus_full_decoder(model, vae, image)}
 
 
-def _attention_model(pipe, name: str):
+def _attention_model(pipe, spec):
     """The diffusers model whose attention layers a component's graph contains (the VAE has one mid-block
     attention), or None (the text encoder's causal CLIP attention is transformers', and short)."""
+    name = spec.name
     if name == "unet":
         return pipe.unet
+    if name.startswith(CONTROLNET):
+        return spec.module.controlnet
     if name.startswith("vae") and any(True for _ in _attention_layers(pipe.vae)):
         return pipe.vae
     return None

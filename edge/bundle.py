@@ -50,6 +50,9 @@ class Component:
     quantization: dict[str, Any] = field(default_factory=dict)  # what was stored lower, PSNR vs fp32
     fidelity: dict[str, Any] = field(default_factory=dict)  # a stand-in's closeness to what it replaces (tiny VAE)
     deep_cache: dict[str, Any] = field(default_factory=dict)  # {"skip_chunks", "cached"}: the UNet's DeepCache cut
+    control_inputs: tuple[dict, ...] = ()  # a UNet converted with ControlNets: its residual inputs (name, channels,
+    #                                        stride); a ControlNet's component has "controlnet" {name, source, ...}
+    controlnet: dict[str, Any] = field(default_factory=dict)
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -126,6 +129,8 @@ def _component(name: str, d: dict[str, Any]) -> Component:
         quantization=dict(d.get("quantization", {})),
         fidelity=dict(d.get("fidelity", {})),
         deep_cache=_deep_cache(d.get("deep_cache", {})),
+        control_inputs=tuple(dict(r) for r in d.get("control_inputs", ())),
+        controlnet=dict(d.get("controlnet", {})),
     )
 
 

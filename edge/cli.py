@@ -52,7 +52,7 @@ def _convert(a: argparse.Namespace) -> int:
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
                       tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
                       coreml=_coreml_options(a), tiny_vae=a.tiny_vae, deep_cache=a.deep_cache,
-                      token_merging=a.token_merging, loras=tuple(a.lora))
+                      token_merging=a.token_merging, loras=tuple(a.lora), controlnets=tuple(a.controlnet))
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
@@ -88,6 +88,7 @@ def _embeddings(a: argparse.Namespace) -> list[tuple[Path, str | None]]:
 
 def _generate(a: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
+    from edge.stages.control import parse_control
     from edge.png import save_image
 
     pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
@@ -118,6 +119,7 @@ def _generate(a: argparse.Namespace) -> int:
         num_images=a.num_images, callback=_progress_bar(_previews(pipe, a)), image=image, strength=a.strength,
         mask=a.mask, mask_blur=a.mask_blur, expand=a.expand, prompt_syntax=a.prompt_syntax, decoder=a.decoder,
         cache_interval=a.cache_interval, loras=a.lora, lora_dir=a.lora_dir,
+        controls=[parse_control(c, pipe.manifest, a.control_start, a.control_end) for c in a.control],
     )
     out = Path(a.output)
     for k, image in enumerate(result.images):
@@ -366,6 +368,13 @@ def _add_generate(sub) -> None:
                         "without re-converting; repeat for several. `<lora:NAME:SCALE>` in the prompt also works, "
                         "with --lora-dir")
     g.add_argument("--lora-dir", metavar="DIR", help="folder where <lora:NAME:SCALE> finds NAME.safetensors")
+    g.add_argument("--control", action="append", default=[], metavar="IMAGE[:NAME][:SCALE]",
+                   help="a ControlNet of the bundle guided by IMAGE (the generation's size; see `edge control-image` "
+                        "to make one from a photo) at SCALE (default 1); repeat for several")
+    g.add_argument("--control-start", type=number_arg("--control-start", minimum=0.0, maximum=1.0), default=0.0,
+                   help="fraction of the steps before which the ControlNets do not run (default 0)")
+    g.add_argument("--control-end", type=number_arg("--control-end", minimum=0.0, maximum=1.0), default=1.0,
+                   help="fraction of the steps after which they do not run (default 1)")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.safetensors, diffusers or A1111 layout): write its token "
                         "(default: the file's key or name) in the prompt or negative prompt; repeat for several")
@@ -434,6 +443,9 @@ def _add_convert(sub) -> None:
                         f"resolution, copied back after it ({TOKEN_MERGING_RULE}; e.g. 0.5)")
     c.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA into the weights before export (recorded in the manifest); repeat for several")
+    c.add_argument("--controlnet", action="append", default=[], metavar="SOURCE[:NAME]",
+                   help="add a ControlNet (diffusers ControlNetModel folder or single-file .safetensors) as its own "
+                        "graph, the UNet taking its residuals; repeat for several")
     c.add_argument("--tiny-vae", metavar="DIR", help="add a tiny autoencoder (a local diffusers AutoencoderTiny "
                    "folder, e.g. TAESD) for previews and --decoder tiny; the default model ships its own")
     c.add_argument("--score", action="store_true", help="score the result with the default model's "

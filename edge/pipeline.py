@@ -25,6 +25,7 @@ from edge.plan import TINY, Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
 from edge.sessions import open_session, session_options, with_initializers
 from edge.stages import decode as decode_stage
+from edge.stages.control import check_controls, controlled, describe_control
 from edge.stages.denoise import Blend, denoise, unet_call
 from edge.stages.inpaint import INPAINT_CHANNELS, blend, prepare, unet_channels
 from edge.stages.preview import preview as preview_stage
@@ -139,7 +140,8 @@ class Pipeline:
                  image: ImageInput | None = None, strength: float = 0.75, resize: bool = False,
                  mask: ImageInput | None = None, mask_blur: int = 0,
                  expand: tuple[int, int, int, int] | None = None, prompt_syntax: str = "auto",
-                 decoder: str = "full", cache_interval: int = 1, loras=(), lora_dir: Path | str | None = None) -> Result:
+                 decoder: str = "full", cache_interval: int = 1, loras=(), lora_dir: Path | str | None = None,
+                 controls=()) -> Result:
         """Text to image, or with `image` (PIL image or path) img2img: the image encoded, noised to `strength`
         (0 < strength <= 1: the fraction of the steps that run) and denoised from there. `resize` fits an image
         whose size the bundle does not accept to the nearest size it does (else it is refused, naming it).
@@ -149,7 +151,8 @@ class Pipeline:
         `decoder`: "full" (the VAE decoder) or "tiny" (the bundle's tiny autoencoder: faster, less detail).
         `cache_interval` N > 1: DeepCache, the whole UNet every N steps (bundles converted with --deep-cache).
         `loras`: [(LoRA file, scale)] applied for this generation (edge.adapters), with any `<lora:NAME:SCALE>` in
-        the prompts (NAME.safetensors in `lora_dir`); only the graphs whose weights change are reloaded."""
+        the prompts (NAME.safetensors in `lora_dir`); only the graphs whose weights change are reloaded.
+        `controls`: [edge.stages.control.Control], the bundle's ControlNets with their images, scales, windows."""
         guidance, seed = check_generate(guidance, seed)
         text, negative_text, active = lora_files(self.adapters, loras, prompt, negative_prompt, lora_dir)
         self.use_loras(active)
@@ -159,6 +162,7 @@ class Pipeline:
         if picture is not None:
             height, width = image_size(picture, height, width)
         height, width = output_size(self.manifest, height, width)
+        controls = check_controls(self.manifest, controls, height, width, self.memory_budget)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
         sched = make_scheduler(scheduler, scheduler_config_from_dict(self.manifest.scheduler))
@@ -196,7 +200,7 @@ class Pipeline:
         t = time.perf_counter()
         runs = len(sched.timesteps) - sched.start  # img2img runs the last `strength` of the steps
         for i, x in enumerate(self.denoise(x, context, sched, guidance, rng, start=sched.start, extra=extra,
-                                           blend=mixing, cache_interval=cache_interval)):
+                                           blend=mixing, cache_interval=cache_interval, controls=controls)):
             if callback is not None:
                 callback(i, runs, x)
         self._done_with("unet")
@@ -219,7 +223,8 @@ class Pipeline:
                   **({"expand": list(expand)} if expand is not None else {}),
                   **({"decoder": decoder} if decoder != "full" else {}),
                   **({"cache_interval": cache_interval} if cache_interval != 1 else {}),
-                  **({"loras": describe(active)} if active else {})}
+                  **({"loras": describe(active)} if active else {}),
+                  **({"controls": [describe_control(c) for c in controls]} if controls else {})}
         return Result(images=images, timings=timings, params=params, latents=x)
 
     # ----------------------------------------------------------------------- the stages, on this bundle
@@ -231,18 +236,19 @@ class Pipeline:
 
     def denoise(self, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
                 start: int = 0, extra: np.ndarray | None = None, blend: Blend | None = None,
-                cache_interval: int = 1) -> Iterator[np.ndarray]:
-        """Yield the latents after each scheduler step (edge.stages.denoise); the model's estimate of the clean
-        latents at that step is kept as `self.denoised`, for previews."""
+                cache_interval: int = 1, controls=()) -> Iterator[np.ndarray]:
+        """Yield the latents after each scheduler step (edge.stages.denoise; ControlNets: edge.stages.control); the
+        model's estimate of the clean latents at that step is kept as `self.denoised`, for previews."""
         two_calls = self.plan is not None and self.plan.guidance_batch == 1
-        for x, self.denoised in denoise(self.unet, x, context, sched, guidance, rng, two_calls=two_calls,
+        unet = controlled(self.unet, self.graphs, controls, sched.timesteps, start) if controls else self.unet
+        for x, self.denoised in denoise(unet, x, context, sched, guidance, rng, two_calls=two_calls,
                                         start=start, extra=extra, blend=blend, cache_interval=cache_interval):
             yield x
 
     def unet(self, sample: np.ndarray, t: float, context: np.ndarray, cache: dict | None = None,
-             reuse: bool = False) -> np.ndarray:
+             reuse: bool = False, residuals: dict | None = None) -> np.ndarray:
         """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk (DeepCache: `cache`)."""
-        return unet_call(self.graphs, self.plan, sample, t, context, cache, reuse)
+        return unet_call(self.graphs, self.plan, sample, t, context, cache, reuse, residuals)
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         """(1, C, h, w) latents -> an image, whole or in tiles as the plan says."""
@@ -264,14 +270,8 @@ class Pipeline:
     sessions = property(lambda self: self.graphs.sessions)  # component -> its loaded sessions
     load_seconds = property(lambda self: self.graphs.load_seconds)  # component -> seconds of its latest load
 
-    @property
-    def timed_calls(self) -> list[tuple[str, float, float]] | None:
-        """Set to a list to log every graph run as (name, start, end), wall clock (the UNet: per call)."""
-        return self.graphs.timed_calls
-
-    @timed_calls.setter
-    def timed_calls(self, calls: list[tuple[str, float, float]] | None) -> None:
-        self.graphs.timed_calls = calls
+    # set to a list to log every graph run as (name, start, end), wall clock (the UNet: per call)
+    timed_calls = property(lambda self: self.graphs.timed_calls, lambda self, v: setattr(self.graphs, "timed_calls", v))
 
     def load_embedding(self, path: Path | str, token: str | None = None) -> Embedding:
         """A textual-inversion embedding (edge.embeddings): its token works in prompts from the next generate()."""
