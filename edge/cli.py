@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
+from edge.control_images import KINDS
 from edge.validate import (GUIDANCE_RULE, TOKEN_MERGING_MAX, TOKEN_MERGING_RULE, check_cache_interval, check_decoder,
                            count_arg, lora_arg, number_arg)
 
@@ -136,6 +137,34 @@ def _generate(a: argparse.Namespace) -> int:
 def _size(pipe, a: argparse.Namespace) -> tuple[int, int]:
     h, w = pipe.manifest.default_size
     return (a.height or h), (a.width or w)
+
+
+def _size_arg(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x512")
+    return int(w), int(h)
+
+
+def _control_image(a: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from edge.control_images import make
+    from edge.images import load_image
+    from edge.png import check_output_path, image_format
+
+    out = check_output_path(a.output)
+    photo = load_image(a.image)
+    photo = photo.resize(a.size, Image.Resampling.LANCZOS) if a.size else photo
+    options = {"canny": {"low": a.low, "high": a.high}, "mask": {"threshold": a.threshold}}.get(a.kind, {})
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:  # atomically: a reader never sees half an image
+        make(a.kind, photo, **options).save(tmp, format=image_format(out))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}")
+    return 0
 
 
 def _plan(a: argparse.Namespace) -> int:
@@ -293,6 +322,18 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("bundle", type=Path)
     pr.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1)")
     pr.set_defaults(run=_profile)
+
+    ci = sub.add_parser("control-image", help="make a ControlNet's control image from a photo (canny edges, mask, "
+                        "invert, tile), in numpy")
+    ci.add_argument("kind", choices=KINDS)
+    ci.add_argument("image", type=Path)
+    ci.add_argument("-o", "--output", type=Path, required=True)
+    ci.add_argument("--size", type=_size_arg, metavar="WxH", help="resize the photo to the generation's size first")
+    ci.add_argument("--low", type=number_arg("--low", minimum=0.0), default=100.0, help="canny: low threshold")
+    ci.add_argument("--high", type=number_arg("--high", minimum=0.0), default=200.0, help="canny: high threshold")
+    ci.add_argument("--threshold", type=number_arg("--threshold", minimum=0.0, maximum=255.0), default=128.0,
+                    help="mask: brightness (0-255) from which a pixel is white")
+    ci.set_defaults(run=_control_image)
 
     i = sub.add_parser("info", help="summarise a bundle's manifest")
     i.add_argument("bundle", type=Path)
