@@ -15,6 +15,7 @@ import torch
 
 from edge.converters.onnx_export import Spec
 from edge.converters.sources import PICKLE_SUFFIXES
+from edge.validate import split_suffix
 
 PREFIX = "controlnet_"  # component name: controlnet_<name>
 
@@ -41,9 +42,7 @@ def residual_names(unet_config) -> list[str]:
 
 def _split(source: str) -> tuple[Path, str]:
     """`SOURCE[:NAME]` -> (path, name); the name defaults to the folder's or file's."""
-    path_text, sep, name = source.rpartition(":")
-    if not sep or "/" in name or "." in name:
-        path_text, name = source, ""
+    path_text, name = split_suffix(source)
     path = Path(path_text)
     return path, (name or (path.stem if path.suffix else path.name)).replace("-", "_")
 

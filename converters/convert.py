@@ -23,7 +23,7 @@ import torch
 from edge.bundle import FORMAT_VERSION, MANIFEST, Manifest, sha256_file, write_manifest
 from edge.kernels.attention import DEFAULT_CHUNK
 from edge.kernels.processor import use_attention
-from edge.memory_profile import PROFILED, profile_component
+from edge.memory_profile import profile_component, profiled
 from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, export, parity, tiled_vae_specs
 from edge.converters.calibrate import calibrate
 from edge.converters.preview_fit import fit_preview
@@ -237,7 +237,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         if spec.name == "unet" and "coreml" not in options.targets:
             pipe.unet.to("meta")  # exported and checked: free its weights (3.4 GB for SD 1.5) before quantizing
         record: dict[str, Any] = {"precision": "fp32", "quantization": {}}
-        if options.precision in QUANTIZED and spec.name in QUANTIZED[options.precision]:
+        lowered = QUANTIZED.get(options.precision, ())  # a ControlNet is stored as its UNet is
+        if spec.name in lowered or (spec.name.startswith(CONTROLNET) and "unet" in lowered):
             calibration, check_feeds = None, feeds
             if options.activations == "static" and spec.name in STATIC_INT8:
                 t_cal = time.perf_counter()
@@ -283,7 +284,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     if options.profile_memory and components:
         sample = pipe.unet.config.sample_size
         latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
-        for name in (n for n in PROFILED if n in components):
+        for name in profiled(components):
             components[name]["memory"] = profile_component(tmp, {"name": name, **components[name]}, latent_hw,
                                                            m, options.threads, log, scale=vae_scale)
 

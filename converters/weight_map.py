@@ -92,3 +92,50 @@ def fuse_loras(pipe, loras: list[tuple[str, float]], log) -> list[dict]:
         records.append({"file": lora.path.name, "sha256": lora.sha256, "scale": scale, "layers": applied})
         log(f"  LoRA {lora.path.name} x {scale:g}: {applied} of {len(lora.layers)} layers fused")
     return records
+
+
+def add_weight_map(bundle: Path, source: str) -> dict[str, dict]:
+    """Write weights.json into a bundle converted before bundles recorded it (fp32 or fp16 weights: matched by
+    value against `source`, the model it was converted from), and name it in the manifest; atomically."""
+    import json
+    import os
+
+    from edge.bundle import MANIFEST, read_manifest, sha256_file
+    from edge.converters.sources import open_source
+
+    manifest = read_manifest(bundle)
+    pipe = open_source(source).pipe
+    found = {}
+    for name in LORA_COMPONENTS:
+        graphs = [bundle / g for g in manifest.components[name].graphs]
+        matched = {}
+        for graph in graphs:
+            matched.update(match_weights(getattr(pipe, name), graph))
+        found[name] = locate(matched, graphs)
+    tmp = bundle / (WEIGHT_MAP + ".tmp")
+    tmp.write_text(json.dumps(found, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, bundle / WEIGHT_MAP)
+    data = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+    data["weight_map"] = WEIGHT_MAP
+    data.setdefault("files", {})[WEIGHT_MAP] = sha256_file(bundle / WEIGHT_MAP)
+    tmp = bundle / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, bundle / MANIFEST)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m edge.converters.weight_map BUNDLE SOURCE: add weights.json to an older fp32/fp16 bundle."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m edge.converters.weight_map", description=main.__doc__)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("source", help="the model the bundle was converted from (folder, file or cached Hub id)")
+    a = p.parse_args(argv)
+    found = add_weight_map(a.bundle, a.source)
+    print(", ".join(f"{c}: {len(w)} weights" for c, w in found.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

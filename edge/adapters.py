@@ -82,14 +82,15 @@ class Adapters:
                 (name, "", " ".join(e.token for e in self.embeddings), 1.0))
         wanted = {k: tuple(sorted(v)) for k, v in by_graph.items()}
         changed = [k for k in set(self.applied) | set(wanted) if self.applied.get(k) != wanted.get(k)]
+        new = {key: self._weights(key, resolved) for key in changed if key in wanted}  # may raise: nothing changed yet
         for key in changed:
             self.alive.pop(key, None)
-            if key in wanted:
-                self.overrides[key] = self._weights(key, resolved)
-                self.applied[key] = wanted[key]
+            if key in new:
+                self.overrides[key], self.applied[key] = new[key], wanted[key]
             else:
                 self.overrides.pop(key, None)
                 self.applied.pop(key, None)
+        self._files = {k: f for k, f in self._files.items() if any(f is lora for lora, _ in loras)}  # the active
         return sorted(changed)
 
     def extra_bytes(self, component: str | None = None) -> int:

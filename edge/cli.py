@@ -17,7 +17,7 @@ from edge.bundle import read_manifest
 from edge.memory import format_bytes, peak_rss_bytes
 from edge.control_images import KINDS
 from edge.validate import (GUIDANCE_RULE, TOKEN_MERGING_MAX, TOKEN_MERGING_RULE, check_cache_interval, check_decoder,
-                           count_arg, lora_arg, number_arg)
+                           count_arg, lora_arg, number_arg, split_suffix)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +81,8 @@ def _embeddings(a: argparse.Namespace) -> list[tuple[Path, str | None]]:
             raise ValueError(f"--embeddings-dir {folder}: not a folder")
         found += [(p, None) for p in sorted(folder.glob("*.safetensors"))]
     for text in a.embedding:
-        path, sep, token = text.rpartition(":")
-        found.append((Path(path), token) if sep and "/" not in token and not token.endswith(".safetensors")
-                     else (Path(text), None))
+        path, token = split_suffix(text)
+        found.append((Path(path), token))
     return found
 
 

@@ -155,8 +155,8 @@ class CoreMLPipeline(Pipeline):
         return cls._start(bundle, manifest, None, [], budget, verify, preload, compute_units=compute_units)
 
     def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True,
-                 image: bool = False, decoder: str = "full") -> Plan:
-        plan = super().plan_for(height, width, num_images, guided, image, decoder)
+                 image: bool = False, decoder: str = "full", controlnets: tuple[str, ...] = ()) -> Plan:
+        plan = super().plan_for(height, width, num_images, guided, image, decoder, controlnets)
         if plan.vae_tile is not None:
             raise BudgetError(f"the budget fits only a tiled VAE decode, which fixed-shape Core ML graphs cannot do; "
                               f"the whole-latent decode needs a larger budget (plan: {plan.describe()})")

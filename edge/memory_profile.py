@@ -22,6 +22,11 @@ from edge.memprobe import fit_activation, probe
 # The encoder: img2img; the tiny decoder: previews and --decoder tiny.
 PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_decoder_tiled", "vae_encoder",
             "tiny_vae_decoder")
+
+
+def profiled(components) -> list[str]:
+    """The components of a bundle that are measured: PROFILED's and every ControlNet."""
+    return [n for n in components if n in PROFILED or n.startswith("controlnet_")]
 TAIL_TILES = (32, 24, 16)  # latent tile sides the tiled decoder's tail is measured at (its activations are
 # large even per tile: SD 1.5's tail on a 64x64 latent tile takes ~2 GB, on 16x16 ~0.3 GB)
 HIDDEN_SCALE = 2  # the tail reads the head's output: 2 ** converters/tiled_vae.HEAD_UP_BLOCKS x the latent's side
@@ -40,7 +45,7 @@ def samples_for(name: str, latent_hw: tuple[int, int], multiple: int) -> list[tu
 
     if name == "text_encoder":
         return [(h, w, 1)]
-    if name == "unet":
+    if name == "unet" or name.startswith("controlnet_"):
         return [(h, w, 1), (h, w, 2), (*scaled(0.5), 1)]
     if name == "vae_decoder_tiled":  # it runs per tile, and only under budgets: measured at the tiles they choose
         return [(t, t, 1) for t in TAIL_TILES]
@@ -59,7 +64,9 @@ def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int],
     for h, w, batch in samples_for(name, latent_hw, multiple):
         dims = {"batch": batch, "height": h, "width": w, "context": 77,  # one prompt window
                 "image_height": h * scale, "image_width": w * scale,  # the VAE encoder's input picture
-                "hidden_height": h * HIDDEN_SCALE, "hidden_width": w * HIDDEN_SCALE}  # the tail, per latent tile
+                "hidden_height": h * HIDDEN_SCALE, "hidden_width": w * HIDDEN_SCALE,  # the tail, per latent tile
+                **{f"{side}_{s}": -(-n // s) for s in (1, 2, 4, 8, 16) for side, n in (("height", h), ("width", w))}}
+        # ^ ControlNet residuals: the latent's side over their stride, rounded up
         inputs = {t["name"]: {"dtype": t["dtype"], "shape": [dims.get(d, d) if isinstance(d, str) else d
                                                              for d in t["shape"]]}
                   for t in component["inputs"]}
@@ -96,7 +103,7 @@ def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str
     data = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
     latent = tuple(d // m.vae_scale_factor for d in m.default_size)
     multiple = m.size_multiple // m.vae_scale_factor
-    for name in (n for n in PROFILED if n in data["components"]):
+    for name in profiled(data["components"]):
         record = data["components"][name]
         record["memory"] = profile_component(bundle, {"name": name, **record}, latent, multiple, threads, log,
                                              scale=m.vae_scale_factor)

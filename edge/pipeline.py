@@ -25,6 +25,7 @@ from edge.plan import TINY, Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
 from edge.sessions import open_session, session_options, with_initializers
 from edge.stages import decode as decode_stage
+from edge.stages.control import PREFIX as CONTROLNET
 from edge.stages.control import check_controls, controlled, describe_control
 from edge.stages.denoise import Blend, denoise, unet_call
 from edge.stages.inpaint import INPAINT_CHANNELS, blend, prepare, unet_channels
@@ -125,14 +126,15 @@ class Pipeline:
         return pipe
 
     def plan_for(self, height: int, width: int, num_images: int = 1, guided: bool = True,
-                 image: bool = False, decoder: str = "full") -> Plan:
+                 image: bool = False, decoder: str = "full", controlnets: tuple[str, ...] = ()) -> Plan:
         """How generate() will run at this size within the budget; BudgetError if nothing fits. `image`:
         img2img or inpainting (the VAE encoder's stage too); `decoder`: "full" or "tiny"."""
         if self.memory_budget is None:
             return Plan(None, True, 2 if guided else 1, False, None, 0, self._base_rss, (),
                         notes=int8_notes(self.manifest), decoder=decoder, tiny_previews=True)
         return make_plan(self.manifest, self.memory_budget, height, width, num_images=num_images, guided=guided,
-                         base=self._base_rss + self.adapters.extra_bytes(), image=image, decoder=decoder)
+                         base=self._base_rss + self.adapters.extra_bytes(), image=image, decoder=decoder,
+                         controlnets=controlnets)
 
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  scheduler: str = "euler", seed: int = 0, height: int | None = None, width: int | None = None,
@@ -162,7 +164,7 @@ class Pipeline:
         if picture is not None:
             height, width = image_size(picture, height, width)
         height, width = output_size(self.manifest, height, width)
-        controls = check_controls(self.manifest, controls, height, width, self.memory_budget)
+        controls = check_controls(self.manifest, controls, height, width)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
         sched = make_scheduler(scheduler, scheduler_config_from_dict(self.manifest.scheduler))
@@ -175,8 +177,8 @@ class Pipeline:
         # start latents: seeded noise at the scheduler's initial level, or the encoded image noised to strength;
         # inpainting adds the mask-side inputs (edge.stages.inpaint) in diffusers' order of draws
         count = whole_number("num_images", num_images) if latents is None else len(np.atleast_1d(latents))
-        with_image = {"image": True} if picture is not None else {}  # plans the VAE encoder's stage too
-        self.plan = self.plan_for(height, width, count, guided=guided, decoder=decoder, **with_image)
+        self.plan = self.plan_for(height, width, count, guided=guided, decoder=decoder, image=picture is not None,
+                                  controlnets=tuple(CONTROLNET + c.name for c in controls))  # image: the encoder
         t = time.perf_counter()
         nine = unet_channels(self.graphs) == INPAINT_CHANNELS
         pixels = None if picture is None else to_tensor(picture)  # (1, 3, H, W)
@@ -203,7 +205,7 @@ class Pipeline:
                                            blend=mixing, cache_interval=cache_interval, controls=controls)):
             if callback is not None:
                 callback(i, runs, x)
-        self._done_with("unet")
+        self._done_with("unet", *(CONTROLNET + c.name for c in controls))
         timings["unet"] = time.perf_counter() - t
         timings["unet_per_step"] = timings["unet"] / max(runs, 1)
 
@@ -240,7 +242,7 @@ class Pipeline:
         """Yield the latents after each scheduler step (edge.stages.denoise; ControlNets: edge.stages.control); the
         model's estimate of the clean latents at that step is kept as `self.denoised`, for previews."""
         two_calls = self.plan is not None and self.plan.guidance_batch == 1
-        unet = controlled(self.unet, self.graphs, controls, sched.timesteps, start) if controls else self.unet
+        unet = controlled(self.unet, self.graphs, self.plan, controls, sched.timesteps, start) if controls else self.unet
         for x, self.denoised in denoise(unet, x, context, sched, guidance, rng, two_calls=two_calls,
                                         start=start, extra=extra, blend=blend, cache_interval=cache_interval):
             yield x
@@ -293,7 +295,6 @@ class Pipeline:
             self._option_args, int8, weights, self.adapters.alive.setdefault((component.name, k), []))
         return open_session(self.bundle / component.graphs[k], options, self.providers)
 
-    def _done_with(self, name: str) -> None:
-        """Free a component after its stage unless the plan keeps everything resident."""
-        if self.plan is not None and not self.plan.resident:
+    def _done_with(self, *names: str) -> None:
+        for name in names if self.plan is not None and not self.plan.resident else ():  # else all stay resident
             self.graphs.free(name)

@@ -78,6 +78,7 @@ class Plan:
     unet_keep: int = 0  # with unet_per_call: the first chunks that stay loaded; the rest load for every call
     decoder: str = "full"  # the final decoder: "full" (the VAE decoder) or "tiny" (tiny_vae_decoder)
     tiny_previews: bool = False  # the tiny decoder fits beside the UNet: previews may decode with it
+    control_per_call: bool = False  # ControlNets loaded for each UNet call (else resident while denoising)
     notes: tuple[str, ...] = ()  # what the user should know about speed on this CPU (int8_notes)
 
     @property
@@ -122,11 +123,34 @@ class _Graphs:
         return out
 
 
+def _controlnets(manifest: Manifest, names: tuple[str, ...]) -> list[_Graphs]:
+    missing = [n for n in names if not manifest.components[n].memory]
+    if missing:
+        raise BudgetError(f"{missing[0]}: the bundle has no memory measurements for it; re-convert it to plan "
+                          "ControlNets for a budget")
+    return [_Graphs.of(manifest.components[n]) for n in names]
+
+
+def _control_peak(controls: list[_Graphs], pixels: int, batch: int, per_call: bool) -> tuple[int, int]:
+    """(bytes the ControlNets hold through denoising, their peak above that while they run, one after another,
+    their residuals kept for the UNet): resident, or each loaded for its call and freed."""
+    if not controls:
+        return 0, 0
+    runs = [c.run(pixels, batch)[0] for c in controls]
+    if per_call:
+        return 0, max(max(c.load_peak[0], c.resident[0] + a) for c, a in zip(controls, runs))
+    return sum(c.resident[0] for c in controls), max(runs)
+
+
 def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *, num_images: int = 1,
-              guided: bool = True, base: int = 0, image: bool = False, decoder: str = "full") -> Plan:
+              guided: bool = True, base: int = 0, image: bool = False, decoder: str = "full",
+              controlnets: tuple[str, ...] = ()) -> Plan:
     """The fastest plan whose estimated peak fits `budget` (None: everything resident, unconstrained).
     `image`: img2img or inpainting, whose VAE encoder stage runs first (where the bundle measured it).
-    `decoder`: "tiny" decodes with the tiny autoencoder (never tiled: it holds a tile's worth at most)."""
+    `decoder`: "tiny" decodes with the tiny autoencoder (never tiled: it holds a tile's worth at most).
+    `controlnets`: the ControlNet components this generation runs (a stage of the denoiser: resident while it
+    runs, or loaded for every UNet call when that is what fits)."""
+    controls = _controlnets(manifest, controlnets)
     f = manifest.vae_scale_factor
     h, w = height // f, width // f
     tiny = manifest.components.get(TINY)
@@ -139,13 +163,15 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     te_act = te.run(1, 1)[0]  # one prompt per call, any latent size
     batches = (2, 1) if guided else (1,)
 
-    def unet_peak(batch: int, keep: int) -> int:
-        """Peak with the first `keep` chunks resident and the others loaded one at a time per call."""
+    def unet_peak(batch: int, keep: int, per_call: bool = False) -> int:
+        """Peak with the first `keep` chunks resident and the others loaded one at a time per call, and the
+        ControlNets (resident, or `per_call`) running before each call."""
         act = unet.run(h * w, batch * num_images)
         kept = sum(unet.resident[:keep])
+        held, running = _control_peak(controls, h * w, batch * num_images, per_call)
         peaks = [_loading_peak(0, unet, keep)] + [kept + a for a in act[:keep]]
         peaks += [kept + max(lp, r + a) for lp, r, a in zip(unet.load_peak[keep:], unet.resident[keep:], act[keep:])]
-        return max(peaks)
+        return max(peaks) + held + (0 if not controls else max(0, kept + running - max(peaks)))
 
     head = manifest.components.get("vae_decoder_head")
     head = _Graphs.of(head) if head is not None and head.memory else None  # tiles decode after a whole-latent head
@@ -174,9 +200,11 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     # 1. Everything resident, one batch-2 call per step, whole VAE decode.
     resident_all = sum(te.resident) + sum(unet.resident) + sum(vae.resident) + (0 if enc is None else enc.resident[0])
     resident_all += 0 if tiny is None or decoder == "tiny" else tiny.resident[0]  # for previews, at first use
+    resident_all += sum(c.resident[0] for c in controls)
     loading = max(te.load_peak[0], _loading_peak(sum(te.resident), unet),
                   sum(te.resident) + sum(unet.resident) + vae.load_peak[0])
-    unet_act = max(unet.run(h * w, batches[0] * num_images))
+    unet_act = max(max(unet.run(h * w, batches[0] * num_images)),
+                   _control_peak(controls, h * w, batches[0] * num_images, False)[1])
     vae_act = vae_peak(None) - vae.resident[0]
     encoding = () if enc is None else (Stage("vae_encoder", base + resident_all + enc_act,
                                              "encodes the input picture, kept with the others"),)
@@ -200,9 +228,12 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     # fewest bytes reloaded per step first (two batch-1 calls reload twice).
     reload = [(b, keep) for b in batches for keep in range(n - 1, -1, -1)] if chunked else []
     reload.sort(key=lambda o: (sum(unet.resident[o[1]:]) * (2 if guided and o[0] == 1 else 1), -o[0]))
-    unet_options = [(b, n) for b in batches] + reload
-    unet_stages = [(b, keep, Stage("unet", base + unet_peak(b, keep), _unet_words(manifest, b, keep, guided)))
-                   for b, keep in unet_options]
+    unet_options = [(b, n, False) for b in batches] + [(b, keep, False) for b, keep in reload]
+    unet_options += [(b, keep, True) for b, keep, _ in unet_options] if controls else []  # ControlNets per call
+    unet_stages = [(b, keep, Stage("unet", base + unet_peak(b, keep, per_call), _unet_words(manifest, b, keep, guided)
+                                   + ("; ControlNets loaded for every call" if per_call else
+                                      "; ControlNets resident" if controls else "")), per_call)
+                   for b, keep, per_call in unet_options]
     vae_stages = [(t, Stage("vae_decoder", base + vae_peak(t), _vae_words(t, h, w, decoder))) for t in tiles]
     fits = [s for s in unet_stages if s[2].peak <= limit], [s for s in vae_stages if s[1].peak <= limit]
     single = [("the VAE encoder", s.peak) for s in first] + [("the text encoder", text_stage.peak)]
@@ -217,28 +248,29 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
             f"{f' on top of the {format_bytes(base)} this process already holds' if base else ''}, with "
             f"{HEADROOM:.0%} headroom for the estimate; "
             f"{'a split UNet (--split-unet) or ' if not chunked else ''}a lower precision bundle needs less)")
-    (batch, keep, unet_stage), (tile, vae_stage) = fits[0][0], fits[1][0]
+    (batch, keep, unet_stage, control_per_call), (tile, vae_stage) = fits[0][0], fits[1][0]
     previews = tiny is not None and unet_stage.peak + tiny_cost <= limit  # the tiny decoder beside the UNet
     if previews:
         unet_stage = Stage("unet", unet_stage.peak + tiny_cost, unet_stage.detail + "; the tiny decoder for previews")
     return Plan(budget, False, batch, keep < n, tile, _overlap(tile), base,
                 first + (text_stage, unet_stage, vae_stage), unet_keep=keep if keep < n else 0,
-                notes=int8_notes(manifest), decoder=decoder, tiny_previews=previews)
+                notes=int8_notes(manifest), decoder=decoder, tiny_previews=previews, control_per_call=control_per_call)
 
 
 def smallest_budget(manifest: Manifest, height: int, width: int, *, num_images: int = 1, guided: bool = True,
-                    base: int = 0, image: bool = False, decoder: str = "full") -> tuple[int, Plan]:
+                    base: int = 0, image: bool = False, decoder: str = "full",
+                    controlnets: tuple[str, ...] = ()) -> tuple[int, Plan]:
     """The smallest budget (to 1 MiB) any plan of this bundle fits at this size, and that plan: what `edge plan`
     states, so a user sees how far down a budget can go before trying one."""
     def fits(budget: int) -> Plan | None:
         try:
             return make_plan(manifest, budget, height, width, num_images=num_images, guided=guided, base=base,
-                             image=image, decoder=decoder)
+                             image=image, decoder=decoder, controlnets=controlnets)
         except BudgetError:
             return None
 
     hi = _round_up(make_plan(manifest, None, height, width, num_images=num_images, guided=guided, base=base,
-                             image=image, decoder=decoder).peak / (1 - HEADROOM)) + 2**20
+                             image=image, decoder=decoder, controlnets=controlnets).peak / (1 - HEADROOM)) + 2**20
     lo = 2**20  # MiB steps: no plan is that exact
     while hi - lo > 2**20:
         mid = (lo + hi) // 2

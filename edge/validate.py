@@ -113,14 +113,22 @@ def _typed(text: str) -> str:
     return text if text and text.strip() == text else repr(text)
 
 
+def split_suffix(text: str) -> tuple[str, str | None]:
+    """`PATH[:SUFFIX]` (--lora FILE:SCALE, --embedding FILE:TOKEN, --controlnet DIR:NAME) -> (PATH, SUFFIX or None):
+    what follows the last colon, unless it is part of the path (it holds a slash or a file extension)."""
+    path, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or "\\" in tail or tail.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        return text, None
+    return path, tail
+
+
 def lora_arg(text: str) -> tuple[str, float]:
     """argparse type for `--lora FILE[:SCALE]` (scale 1 when left out): a finite scale, else a parse error."""
     import argparse
     import math
 
-    path, sep, tail = text.rpartition(":")
-    if not sep or "/" in tail or tail.lower().endswith(".safetensors"):
-        path, tail = text, "1"
+    path, tail = split_suffix(text)
+    tail = "1" if tail is None else tail
     try:
         scale = float(tail)
     except ValueError:

@@ -126,3 +126,45 @@ def test_cli_and_clear_errors(setup, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and expected in lines[0], (args, proc.stderr)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def measured(setup, models, tmp_path_factory):
+    """The same ControlNet in an int8 bundle with memory measurements and a split UNet (the planner's inputs)."""
+    out = tmp_path_factory.mktemp("controlnet-measured") / "bundle"
+    root = setup[2].parent
+    run_edge("convert", models["folder-epsilon"], "--controlnet", root / "edges", "--split-unet", "2",
+             "--precision", "int8", "--no-tiled-vae", "-o", out, timeout=900)
+    return out
+
+
+def test_int8_controlnet_and_the_memory_plan(setup, measured):
+    """The ControlNet is stored at the UNet's precision; the planner counts it as a stage of the denoiser:
+    resident when the budget allows, else loaded for every UNet call; the picture is the same either way."""
+    manifest = read_manifest(measured)
+    net = manifest.components["controlnet_edges"]
+    assert net.precision.startswith("int8") and net.quantization["psnr_vs_fp32_db"] > 30
+    assert net.memory["graphs"][0]["resident"] > 0
+    control = [Control("edges", control_image(setup[3]["edges"]), 0.9)]
+    free = Pipeline.load(measured)
+    pictures = {"free": np.asarray(free.generate(PROMPT, steps=3, latents=LATENTS, height=H, width=W,
+                                                 controls=control).images[0])}
+    probe = Pipeline.load(measured, memory_budget="64GB")
+    plain = probe.plan_for(H, W)
+    with_net = probe.plan_for(H, W, controlnets=("controlnet_edges",))
+    assert with_net.peak > plain.peak
+    budgets = {}
+    for mb in range(with_net.peak // 2**20 + 1, plain.peak // 2**20 // 2, -1):  # down from the resident plan
+        probe.memory_budget = mb * 2**20
+        try:
+            plan = probe.plan_for(H, W, controlnets=("controlnet_edges",))
+        except ValueError:
+            break
+        budgets.setdefault("resident" if plan.resident else "per call" if plan.control_per_call else "staged", mb)
+    assert {"resident", "per call"} <= set(budgets), budgets
+    for kind in ("staged", "per call"):
+        if kind in budgets:
+            pipe = Pipeline.load(measured, memory_budget=f"{budgets[kind]}MB")
+            result = pipe.generate(PROMPT, steps=3, latents=LATENTS, height=H, width=W, controls=control)
+            assert pipe.plan.control_per_call == (kind == "per call") and "ControlNets" in pipe.plan.describe()
+            assert psnr(np.asarray(result.images[0]), pictures["free"]) >= 60

@@ -192,9 +192,11 @@ def test_a_lora_for_another_model_is_refused_and_a_partial_one_named(bundles, lo
     with pytest.raises(LoraError, match=r"none of its \d+ layers matches a weight of this model"):
         _edge(pipe, [(tmp_path / "sdxl.safetensors", 1.0)])
     with pytest.warns(UserWarning, match=r"1 of its \d+ layers match no weight of this model"):
-        _edge(pipe, [(tmp_path / "partial.safetensors", 1.0)])
+        partly = _edge(pipe, [(tmp_path / "partial.safetensors", 1.0)])
     with pytest.raises(LoraError, match="is this LoRA for another model"):
         _edge(pipe, [(tmp_path / "wide.safetensors", 1.0)])
+    with pytest.warns(UserWarning):  # the failed switch changed nothing: the same weights, the same picture
+        assert np.array_equal(_edge(pipe, [(tmp_path / "partial.safetensors", 1.0)]), partly)
     with pytest.raises(LoraError, match="not a finite number"):
         _edge(pipe, [(loras["kohya"], float("inf"))])
 
@@ -224,3 +226,38 @@ def test_the_planner_counts_the_changed_weights(bundles, loras):
     held = pipe.adapters.extra_bytes()
     assert held > pipe.adapters.extra_bytes("unet") > 0 and pipe.adapters.extra_bytes("text_encoder") > 0
     assert pipe.plan_for(64, 64).peak == before + held
+
+
+def test_edge_serve_takes_prompt_loras_and_lists_them(bundles, loras, tmp_path):
+    """`edge serve --lora-dir`: an A1111 client's `<lora:NAME:SCALE>` applies NAME.safetensors (the image is
+    `edge generate --lora`'s), /sdapi/v1/loras lists them, and a LoRA that is not there is a 422 naming it."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from servers import start, stop
+
+    folder = loras["kohya"].parent
+    proc, url = start([bundles["folder-epsilon"]], tmp_path / "out", tmp_path / "serve.log", "--lora-dir", folder)
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            assert [x["name"] for x in c.get("/sdapi/v1/loras").json()] == ["style"]
+            body = {"prompt": f"{PROMPT} <lora:style:0.6>", "steps": 3, "seed": 1, "width": 64, "height": 64,
+                    "sampler_name": "Euler", "cfg_scale": 7.5}
+            r = c.post("/sdapi/v1/txt2img", json=body)
+            assert r.status_code == 200, r.text
+            served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+            assert served.std() > 5, (served.mean(), r.json()["info"])  # a picture, not a blank
+            plain = c.post("/sdapi/v1/txt2img", json={**body, "prompt": PROMPT})
+            assert not np.array_equal(served, np.asarray(Image.open(io.BytesIO(base64.b64decode(
+                plain.json()["images"][0])))))
+            bad = c.post("/sdapi/v1/txt2img", json={**body, "prompt": "x <lora:nothing:1>"})
+            assert bad.status_code == 422 and "no nothing.safetensors" in bad.text
+            assert c.post("/sdapi/v1/txt2img", json=body).status_code == 200  # still serving
+    finally:
+        stop(proc, tmp_path / "serve.log")
+    run_edge("generate", bundles["folder-epsilon"], PROMPT, "--lora", f"{loras['kohya']}:0.6", "--steps", "3",
+             "--seed", "1", "--guidance", "7.5", "-o", tmp_path / "cli.png")
+    assert np.array_equal(served, np.asarray(Image.open(tmp_path / "cli.png")))

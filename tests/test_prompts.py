@@ -430,3 +430,17 @@ def test_runtime_import_needs_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+def test_a1111_rule_on_a_text_encoder_with_zero_mean_tokens(bundles):
+    """The tests' tiny text encoder's final layer norm has no bias, so each token's mean is 0 and A1111's rescale
+    would divide 0 by 0 (a NaN, black picture): unweighted it is the plain encoding, weighted it stays finite."""
+    from edge import Pipeline
+
+    pipe = Pipeline.load(bundles["folder-epsilon"])
+    prompt = "a red circle on a blue background"
+    plain = pipe.encode_text(prompt, "", guided=True, copies=1, syntax="none")
+    assert abs(float(plain[1].mean())) < 1e-6 * float(np.abs(plain[1]).mean())  # the case this is about
+    assert np.array_equal(pipe.encode_text(prompt, "", guided=True, copies=1, syntax="a1111"), plain)
+    weighted = pipe.encode_text("a (red:1.3) circle on a blue background", "", guided=True, copies=1, syntax="a1111")
+    assert np.isfinite(weighted).all() and not np.array_equal(weighted, plain)

@@ -81,3 +81,16 @@ def test_a_file_without_edge_parameters_says_so(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.jpg")
     with pytest.raises(ValueError, match="carries no edge parameters"):
         read_params(tmp_path / "plain.jpg")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("loras/style.safetensors:0.8", ("loras/style.safetensors", "0.8")),
+    ("loras/style.safetensors", ("loras/style.safetensors", None)),
+    ("models/control_canny:canny", ("models/control_canny", "canny")),
+    ("emb/x.safetensors:<tok>", ("emb/x.safetensors", "<tok>")),
+    ("C:/loras/style.safetensors", ("C:/loras/style.safetensors", None)),  # a drive letter is part of the path
+])
+def test_split_suffix(text, expected):
+    from edge.validate import split_suffix
+
+    assert split_suffix(text) == expected

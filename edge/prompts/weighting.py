@@ -71,13 +71,20 @@ def plain_conditioning(win: Windows, enc: Encoder) -> np.ndarray:
 
 
 def a1111_conditioning(win: Windows, enc: Encoder) -> np.ndarray:
-    """A1111's rule, window by window. (1, 77k, D)"""
+    """A1111's rule, window by window. (1, 77k, D)
+
+    Where the weighted window's mean is ~0 next to its values (a text encoder whose final layer norm has no bias
+    makes every token's mean 0), A1111's rescale divides 0 by 0 and its picture is NaN, black: such a window is
+    kept weighted but not rescaled, and a window of weights 1 is the plain encoding, exactly."""
     out = []
     for ids, weights in zip(win.ids, win.weights):
         z = enc(ids)  # (77, D)
-        mean = z.mean()
         weighted = z * weights[:, None]  # (77, D)
-        out.append(weighted * (mean / weighted.mean()))  # (77, D)
+        new = weighted.mean()
+        if np.all(weights == 1) or abs(new) <= 1e-6 * np.abs(weighted).mean():
+            out.append(weighted)
+        else:
+            out.append(weighted * (z.mean() / new))  # (77, D)
     return np.concatenate(out)[None]
 
 

@@ -40,7 +40,7 @@ def create_app(config: ServeConfig, preload: bool = True) -> Starlette:
     if preload:
         bundles.pipeline(bundles.current)
     gallery = Gallery(config.outputs)
-    jobs = Jobs(Runner(bundles, gallery, config.preview_every).run, config.limits.queue)
+    jobs = Jobs(Runner(bundles, gallery, config.preview_every, config.lora_dir).run, config.limits.queue)
     server = Server(config, bundles, gallery, jobs)
 
     @contextlib.asynccontextmanager

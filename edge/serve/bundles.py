@@ -102,6 +102,16 @@ def _backend(path: Path, asked: str | None) -> str:
     return "coreml" if sys.platform == "darwin" and "coreml" in data else "onnx"
 
 
+def embedding_files(folder: Path | None) -> list[Path]:
+    return [] if folder is None else sorted(Path(folder).glob("*.safetensors"))
+
+
+def lora_files(folder: Path | None) -> list[dict]:
+    """/sdapi/v1/loras: the LoRAs a prompt can name, as A1111 lists them."""
+    return [] if folder is None else [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
+                                      for p in sorted(Path(folder).glob("*.safetensors"))]
+
+
 class Bundles:
     def __init__(self, config: ServeConfig):
         if not config.bundles:
@@ -139,6 +149,8 @@ class Bundles:
         log.info("loading bundle %s (%s, backend %s)", name, bundle.path, bundle.backend)
         self._pipe = Pipeline.load(bundle.path, threads=self.config.threads, memory_budget=self.config.memory_budget,
                                    backend=bundle.backend, compute_units=self.config.compute_units)
+        for path in embedding_files(self.config.embeddings_dir):
+            self._pipe.load_embedding(path)
         self.loaded = name
         return self._pipe
 

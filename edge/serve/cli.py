@@ -55,6 +55,10 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (default: all cores)")
     s.add_argument("--preview-every", type=count_arg("--preview-every", minimum=0), default=1, metavar="N",
                    help="a progress preview every N steps (0: none)")
+    s.add_argument("--lora-dir", type=Path, help="folder where a prompt's <lora:NAME:SCALE> finds NAME.safetensors "
+                   "(listed at /sdapi/v1/loras)")
+    s.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (.safetensors) loaded into "
+                   "every bundle, each used by its file name in prompts")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     limits = s.add_argument_group("limits (each refused with a 4xx that names it)")
     limits.add_argument("--queue", type=count_arg("--queue"), default=DEFAULTS.queue,
@@ -88,7 +92,8 @@ def serve(a: argparse.Namespace) -> int:
                     max_body_bytes=a.max_body, max_prompt_chars=a.max_prompt_chars, queue=a.queue)
     config = ServeConfig(bundles=tuple(a.bundles), host=a.host, port=a.port, token=token, cors=tuple(a.cors),
                          outputs=a.outputs, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
-                         compute_units=a.compute_units, preview_every=a.preview_every, limits=limits)
+                         compute_units=a.compute_units, preview_every=a.preview_every, limits=limits,
+                         lora_dir=a.lora_dir, embeddings_dir=a.embeddings_dir)
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(config)
     _announce(config, shown=a.token is None)

@@ -39,4 +39,6 @@ class ServeConfig:
     backend: str | None = None  # "onnx", "openvino" or "coreml"; None: Core ML on macOS where a bundle has its graphs
     compute_units: str = "cpu_and_ne"  # Core ML only
     preview_every: int = 1  # a preview every N denoising steps
+    lora_dir: Path | None = None  # where a prompt's <lora:NAME:SCALE> finds NAME.safetensors
+    embeddings_dir: Path | None = None  # textual-inversion embeddings loaded into every bundle (A1111's folder)
     limits: Limits = field(default_factory=Limits)

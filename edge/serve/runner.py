@@ -13,6 +13,7 @@ import io
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,8 @@ class Stopped(Exception):
 
 
 class Runner:
-    def __init__(self, bundles: Bundles, gallery: Gallery, preview_every: int = 1):
-        self.bundles, self.gallery, self.preview_every = bundles, gallery, preview_every
+    def __init__(self, bundles: Bundles, gallery: Gallery, preview_every: int = 1, lora_dir: Path | None = None):
+        self.bundles, self.gallery, self.preview_every, self.lora_dir = bundles, gallery, preview_every, lora_dir
 
     def run(self, job: Job) -> None:
         if job.stop == "cancel":
@@ -91,7 +92,7 @@ class Runner:
         result = pipe.generate(req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
                                guidance=req.guidance, scheduler=req.scheduler, seed=req.seed + k, height=req.height,
                                width=req.width, callback=self._callback(job, pipe), prompt_syntax=req.prompt_syntax,
-                               **with_image)
+                               lora_dir=self.lora_dir, **with_image)
         return self.gallery.save(result.images[0], {**result.params, "bundle": job.bundle}, f"{job.id}-{k}")
 
     def _callback(self, job: Job, pipe):

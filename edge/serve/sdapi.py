@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from edge.png import read_parameters_text
 from edge.serve import a1111
+from edge.serve.bundles import embedding_files, lora_files
 from edge.serve.context import Server, read_json, wait_final
 from edge.serve.info import memory
 from edge.serve.jobs import Job
@@ -21,8 +22,8 @@ from edge.serve.params import ApiError
 
 # Endpoints of A1111 whose subject does not exist here: clients that list them get an empty answer, not a 404.
 EMPTY: dict[str, Any] = {"upscalers": [], "latent-upscale-modes": [], "sd-vae": [], "hypernetworks": [],
-                         "face-restorers": [], "realesrgan-models": [], "prompt-styles": [], "loras": [],
-                         "embeddings": {"loaded": {}, "skipped": {}}, "scripts": {"txt2img": [], "img2img": []},
+                         "face-restorers": [], "realesrgan-models": [], "prompt-styles": [],
+                         "scripts": {"txt2img": [], "img2img": []},
                          "script-info": [], "extensions": []}
 
 
@@ -99,5 +100,9 @@ def routes(server: Server) -> list[Route]:
         Route("/sdapi/v1/memory", lambda r: JSONResponse(memory()), methods=["GET"]),
         Route("/sdapi/v1/refresh-checkpoints", constant(None), methods=["POST"]),
         Route("/sdapi/v1/cmd-flags", constant({}), methods=["GET"]),
+        Route("/sdapi/v1/loras", lambda r: JSONResponse(lora_files(server.config.lora_dir)), methods=["GET"]),
+        Route("/sdapi/v1/embeddings", lambda r: JSONResponse(
+            {"loaded": {p.stem: {} for p in embedding_files(server.config.embeddings_dir)}, "skipped": {}}),
+              methods=["GET"]),
         *(Route(f"/sdapi/v1/{path}", constant(value), methods=["GET"]) for path, value in EMPTY.items()),
     ]

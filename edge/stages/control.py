@@ -32,12 +32,10 @@ def names(manifest) -> list[str]:
     return [n.removeprefix(PREFIX) for n in manifest.components if n.startswith(PREFIX)]
 
 
-def check_controls(manifest, controls, height: int, width: int, budget: int | None = None) -> list[Control]:
+def check_controls(manifest, controls, height: int, width: int) -> list[Control]:
     """Each control names a ControlNet of the bundle, has an image of the generation's size, a finite scale and a
     window 0 <= start < end <= 1; returns them as a list."""
     controls = list(controls or ())
-    if controls and budget is not None:
-        raise ValueError("ControlNets under a memory budget are not planned yet: load the bundle without one")
     have = names(manifest)
     for c in controls:
         if not isinstance(c, Control):
@@ -68,32 +66,36 @@ def active(control: Control, step: int, steps: int) -> bool:
 
 
 def residuals(graphs: Graphs, controls: list[Control], sample: np.ndarray, t: float, context: np.ndarray,
-              step: int, steps: int) -> dict[str, np.ndarray] | None:
-    """The summed, scaled residuals of the ControlNets active at this step (None: none is)."""
+              step: int, steps: int, per_call: bool = False) -> dict[str, np.ndarray] | None:
+    """The summed, scaled residuals of the ControlNets active at this step (None: none is); `per_call`: each
+    ControlNet loaded for this call and freed after it (the memory plan's choice), else kept loaded."""
     total, outputs = None, None
     for c in controls:
         if not active(c, step, steps):
             continue
         name = PREFIX + c.name
-        session = graphs.open(name)[0]
-        channels = graphs.manifest.components[name].inputs[0].shape[1]
+        component = graphs.manifest.components[name]
+        session = graphs.load(component, 0) if per_call else graphs.open(name)[0]
+        channels = component.inputs[0].shape[1]
         feeds = {"sample": sample[:, :channels], "timestep": np.full((sample.shape[0],), t, np.float32),
                  "encoder_hidden_states": context,
                  "controlnet_cond": np.repeat(c.image.astype(np.float32), sample.shape[0], axis=0)}
         outputs = [o.name for o in session.get_outputs()]
         scaled = [r * np.float32(c.scale) for r in graphs.run(name, session, feeds)]
         total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
+        del session
     return None if total is None else dict(zip(outputs, total))
 
 
-def controlled(unet: Callable, graphs: Graphs, controls: list[Control], timesteps, start: int) -> Callable:
+def controlled(unet: Callable, graphs: Graphs, plan, controls: list[Control], timesteps, start: int) -> Callable:
     """`unet` (sample, t, context, cache, reuse, residuals) as the denoiser's UNet, with the controls' residuals:
     the step is found from t among the timesteps the run takes (img2img: from `start` on)."""
+    per_call = plan is not None and plan.control_per_call
     run = [float(t) for t in timesteps[start:]]
     index = {t: i for i, t in reversed(list(enumerate(run)))}
 
     def call(sample, t, context, cache=None, reuse=False):
-        extra = residuals(graphs, controls, sample, t, context, index[float(t)], len(run))
+        extra = residuals(graphs, controls, sample, t, context, index[float(t)], len(run), per_call)
         return unet(sample, t, context, cache, reuse, residuals=extra)
 
     return call
