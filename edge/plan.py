@@ -210,7 +210,8 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
                                              "encodes the input picture, kept with the others"),)
     resident = Plan(budget, True, batches[0], False, None, 0, base, encoding + (
         Stage("text_encoder", base + max(loading, resident_all + te_act), "loaded with the others, kept"),
-        Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], len(unet.resident), guided)),
+        Stage("unet", base + resident_all + unet_act, _unet_words(manifest, batches[0], len(unet.resident), guided)
+              + ("; ControlNets resident" if controls else "")),
         Stage("vae_decoder", base + resident_all + vae_act, _vae_words(None, h, w, decoder)),
     ), notes=int8_notes(manifest), decoder=decoder, tiny_previews=tiny is not None)
     if budget is None or resident.peak <= budget * (1 - HEADROOM):
