@@ -177,8 +177,8 @@ class Pipeline:
         # start latents: seeded noise at the scheduler's initial level, or the encoded image noised to strength;
         # inpainting adds the mask-side inputs (edge.stages.inpaint) in diffusers' order of draws
         count = whole_number("num_images", num_images) if latents is None else len(np.atleast_1d(latents))
-        self.plan = self.plan_for(height, width, count, guided=guided, decoder=decoder, image=picture is not None,
-                                  controlnets=tuple(CONTROLNET + c.name for c in controls))  # image: the encoder
+        nets = {"controlnets": tuple(CONTROLNET + c.name for c in controls)} if controls else {}
+        self.plan = self.plan_for(height, width, count, guided=guided, decoder=decoder, image=picture is not None, **nets)
         t = time.perf_counter()
         nine = unet_channels(self.graphs) == INPAINT_CHANNELS
         pixels = None if picture is None else to_tensor(picture)  # (1, 3, H, W)

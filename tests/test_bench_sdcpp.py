@@ -37,7 +37,7 @@ def test_uninstalled_sdcpp_is_skipped_with_the_install_command(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("peers, expected", [
-    ("sdcpp-q5_0", "unknown peer(s) sdcpp-q5_0; known: diffusers, optimum, openvino, diffusers-int8, optimum-int8, "
+    ("sdcpp-q5_0", "unknown peer(s) sdcpp-q5_0; known: diffusers, optimum, openvino, openvino-f32, diffusers-int8, optimum-int8, "
                    "openvino-int8, sdcpp-q8_0, sdcpp-q4_0"),
     # named, but the tiny model is not SD 1.x-sized: refused before anything is built or converted
     ("sdcpp-q8_0", "peer sdcpp-q8_0 cannot run: stable-diffusion.cpp builds SD 1.x's networks at their published "

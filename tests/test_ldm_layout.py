@@ -159,13 +159,19 @@ def test_non_sd_file_raises_single_file_component_error(written: dict, tmp_path:
 
 
 def test_missing_weight_goes_unnoticed(written: dict, tmp_path: Path) -> None:
-    """diffusers leaves a missing weight at its random init, without a word: check the key set yourself."""
+    """diffusers never names a missing weight: without accelerate it leaves it at its random init, without a word;
+    with accelerate installed (peft, which the LoRA tests need, pulls it in) the model is made on the meta device
+    and loading fails deep in torch. Either way: check the key set yourself (edge.converters.sources does)."""
     ckpt = load_file(written["path"])
     del ckpt["model.diffusion_model.out.2.weight"]
     partial = tmp_path / "partial.safetensors"
     save_file(ckpt, partial)
-    loaded = load_single_file(partial, written["config_dir"])
-    assert not torch.equal(loaded.unet.conv_out.weight, written["pipe"].unet.conv_out.weight)
+    try:
+        loaded = load_single_file(partial, written["config_dir"])
+    except NotImplementedError as e:  # accelerate: the weight stayed on the meta device
+        assert "meta tensor" in str(e) and "out.2" not in str(e)
+    else:
+        assert not torch.equal(loaded.unet.conv_out.weight, written["pipe"].unet.conv_out.weight)
 
 
 def test_config_folder_without_tokenizer_gives_an_empty_tokenizer(written: dict, tmp_path: Path) -> None:

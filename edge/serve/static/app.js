@@ -243,9 +243,14 @@ function setUpPainting() {
     ctx.lineWidth = Number($("brush-size").value);
     ctx.lineCap = ctx.lineJoin = "round";
     ctx.beginPath();
-    ctx.moveTo(...from);
-    ctx.lineTo(...to);
-    ctx.stroke();
+    if (from[0] === to[0] && from[1] === to[1]) {  // a tap: a dot (browsers differ on zero-length round caps)
+      ctx.arc(from[0], from[1], ctx.lineWidth / 2, 0, 2 * Math.PI);
+      ctx.fill();
+    } else {
+      ctx.moveTo(...from);
+      ctx.lineTo(...to);
+      ctx.stroke();
+    }
     state.maskPainted = true;
   };
   mask.addEventListener("pointerdown", (e) => {
