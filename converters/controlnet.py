@@ -143,3 +143,18 @@ def controlnet_spec(name: str, controlnet, unet_spec: Spec, vae_scale: int) -> S
                                                                      w * vae_scale, generator=g)
 
     return Spec(PREFIX + name, ControlNet(controlnet), inputs, _residual_specs(cfg), example)
+
+
+def with_controlnets(specs: list[Spec], unet, sources: tuple[str, ...], vae_scale: int) -> tuple[list[Spec], dict]:
+    """The component specs with each ControlNet of `sources` added and the UNet taking their residuals (unchanged
+    without any); also {name: ControlNetModel}."""
+    controls = dict(load_controlnet(c) for c in sources)
+    if len(controls) != len(sources):
+        raise ControlNetError("two --controlnet have the same name; name them SOURCE:NAME")
+    if not controls:
+        return specs, controls
+    for name, controlnet in controls.items():
+        check_fits(name, controlnet, unet)
+    plain_unet = next(s for s in specs if s.name == "unet")
+    specs = [controlled_unet_spec(s, unet) if s.name == "unet" else s for s in specs]
+    return specs + [controlnet_spec(n, c, plain_unet, vae_scale) for n, c in controls.items()], controls

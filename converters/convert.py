@@ -31,8 +31,7 @@ from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, p
 from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
 from edge.converters.controlnet import PREFIX as CONTROLNET
-from edge.converters.controlnet import (check_fits as check_controlnet, control_inputs, controlled_unet_spec,
-                                        controlnet_spec, load_controlnet, load_name)
+from edge.converters.controlnet import control_inputs, load_name, with_controlnets
 from edge.converters.weight_map import LORA_COMPONENTS, WEIGHT_MAP, fuse_loras, locate, match_weights
 from edge.converters.tome import MAX_RATIO, RATIO_RULE, install_token_merging, versus_unmerged
 from edge.converters.aligned import realign
@@ -198,15 +197,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     specs = component_specs(pipe) + (tiled_vae_specs(pipe) if options.tiled_vae else [])
     specs += [] if tiny is None else [tiny_vae_spec(tiny[1])]
     specs = specs if "onnx" in options.targets else []  # a Core ML-only bundle: metadata and tokenizer here
-    controls = dict(load_controlnet(c) for c in options.controlnets)
-    if len(controls) != len(options.controlnets):
-        raise ConvertError("two --controlnet have the same name; name them SOURCE:NAME")
-    if controls:
-        for name, controlnet in controls.items():
-            check_controlnet(name, controlnet, pipe.unet)
-        plain_unet = next(s for s in specs if s.name == "unet")
-        specs = [controlled_unet_spec(s, pipe.unet) if s.name == "unet" else s for s in specs]
-        specs += [controlnet_spec(n, c, plain_unet, vae_scale) for n, c in controls.items()]
+    specs, controls = with_controlnets(specs, pipe.unet, options.controlnets, vae_scale)
     for spec in specs:
         t = time.perf_counter()
         path = tmp / f"{spec.name}.onnx"
