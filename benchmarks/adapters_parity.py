@@ -19,6 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import euler_pipeline  # noqa: E402
 from edge import Pipeline  # noqa: E402
 from edge.converters.tiny import save_tiny  # noqa: E402
 from edge.metrics import psnr  # noqa: E402
@@ -29,14 +30,10 @@ def edge(*args) -> None:
 
 
 def lora_rows(model: Path, bundle: Path, work: Path) -> list[tuple[str, float]]:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
     import test_lora as t
     from lora_files import write_diffusers_lora, write_kohya_lora
 
-    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
+    ref = euler_pipeline(model)
     d, k = write_diffusers_lora(ref, work / "d"), write_kohya_lora(ref, work / "style.safetensors")
     u = write_diffusers_lora(ref, work / "u", seed=5, text_encoder=False)
     pipe = Pipeline.load(bundle)
@@ -63,14 +60,11 @@ def lora_rows(model: Path, bundle: Path, work: Path) -> list[tuple[str, float]]:
 
 
 def embedding_rows(model: Path, bundle: Path, work: Path) -> list[tuple[str, float]]:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
     import test_embeddings as t
 
-    ref = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
+    ref = euler_pipeline(model)
     g, width = torch.Generator().manual_seed(0), ref.text_encoder.config.hidden_size
     save_file({"<sparkle>": torch.randn(2, width, generator=g)}, str(work / "learned_embeds.safetensors"))
     save_file({"emb_params": torch.randn(3, width, generator=g)}, str(work / "grainy.safetensors"))

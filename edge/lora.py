@@ -15,7 +15,6 @@ A down weight of shape (rank, in, kh, kw) with an up of (out, rank, 1, 1) is LoR
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.bundle import sha256_file
 from edge.weights_io import WeightsError, read_safetensors
 
 # the file's component prefix -> the bundle component it changes
@@ -123,7 +123,7 @@ def read_lora(path: Path | str) -> LoraFile:
         layers.append(Layer(component, module, kohya, down, up, alpha))
     if not layers:
         raise LoraError(f"{path} holds no LoRA weights")
-    return LoraFile(path, _sha256(path), tuple(layers))
+    return LoraFile(path, sha256_file(path), tuple(layers))
 
 
 PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
@@ -163,13 +163,6 @@ def _metadata_alphas(metadata: dict[str, str]) -> dict[str, float]:
     return {key.rsplit(".", 1)[0]: float(v) for key, v in packed.items()
             if key.endswith(".lora_alpha") and isinstance(v, (int, float))}
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

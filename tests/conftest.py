@@ -25,6 +25,17 @@ def run_edge(*args: str, check: bool = True, timeout: int = 300) -> subprocess.C
     return proc
 
 
+def euler_pipeline(folder: Path):
+    """diffusers' StableDiffusionPipeline of a tiny model folder with the Euler sampler: the adapters' reference."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                   local_files_only=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny pipelines as diffusers folders and as LDM single files with their config folders."""

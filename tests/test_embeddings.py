@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_edge
+from conftest import euler_pipeline, run_edge
 from edge import Pipeline
 from edge.embeddings import EmbeddingError
 from edge.metrics import psnr
@@ -18,13 +18,7 @@ LATENTS = np.random.default_rng(4).standard_normal((1, 4, 8, 8), dtype=np.float3
 
 @pytest.fixture(scope="module")
 def reference(models):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(models["folder-epsilon"], safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return euler_pipeline(models["folder-epsilon"])  # its own: the tests load adapters into it
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_edge
+from conftest import euler_pipeline, run_edge
 from edge import Pipeline
 from edge.bundle import read_manifest, verify_bundle
 from edge.lora import LoraError
@@ -23,13 +23,7 @@ PROMPT, STEPS = "a red circle on a blue background", 4
 
 @pytest.fixture(scope="module")
 def reference(models):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(models["folder-epsilon"], safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return euler_pipeline(models["folder-epsilon"])  # its own: the tests load adapters into it
 
 
 @pytest.fixture(scope="module")
