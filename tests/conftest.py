@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import edge  # noqa: F401  first: it takes the checkout's root (`python -m pytest` puts it on sys.path) off sys.path
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 EDGE = [sys.executable, "-m", "edge.cli"]
