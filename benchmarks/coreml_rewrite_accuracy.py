@@ -20,24 +20,15 @@ import numpy as np
 import torch
 
 from edge.converters.coreml.reference import TorchPipeline, pipelines
-from edge.eval.fidelity import GROUPS, markdown
-from edge.eval.scenes import eval_prompts, scene_group
-from edge.eval.scorer import score, summarize
+from edge.eval.fidelity import GROUPS, generate_scored, grouped, markdown
+from edge.eval.scenes import eval_prompts
 
 
 def evaluate(pipe: TorchPipeline, prompts, steps: int, guidance: float, scheduler: str) -> tuple[dict, np.ndarray]:
     t0 = time.perf_counter()
-    results, images = [], []
-    for k, (prompt, scene) in enumerate(prompts):
-        image = np.asarray(pipe.generate(prompt, steps=steps, guidance=guidance, scheduler=scheduler, seed=k).images[0])
-        results.append(score(image, scene))
-        images.append(image)
+    results, images = generate_scored(pipe, prompts, steps=steps, guidance=guidance, scheduler=scheduler)
     report = {"steps": steps, "guidance": guidance, "scheduler": scheduler, "prompts": len(prompts),
-              "seconds": round(time.perf_counter() - t0, 1), "all": summarize(results)}
-    for group in GROUPS:
-        members = [r for r, (_, s) in zip(results, prompts) if scene_group(s) == group]
-        if members:
-            report[group] = summarize(members)
+              "seconds": round(time.perf_counter() - t0, 1), **grouped(results, prompts)}
     return report, np.stack(images)
 
 

@@ -68,3 +68,13 @@ def bundles(models, tmp_path_factory) -> dict[str, Path]:
         convert(str(models[f"single-{pred}"]), out[f"single-{pred}"], config=str(models[f"config-{pred}"]),
                 log=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory) -> Path:
+    """The embedded default model converted (fp32, no tiled decoder, no memory profile): read it, never modify it."""
+    from edge.converters.convert import Options, convert
+
+    out = tmp_path_factory.mktemp("default") / "bundle"
+    convert("default", out, options=Options(tiled_vae=False, profile_memory=False), log=lambda s: None)
+    return out

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from edge.eval.scenes import HELD_OUT, Scene, SceneObject, eval_prompts, render, sample_scene
+from edge.eval.scenes import (HELD_OUT, SHAPES, TAUGHT_SHAPES, Scene, SceneObject, eval_prompts, render, sample_scene,
+                              sample_taught_scene, scene_group, taught_eval_prompts)
 from edge.eval.scorer import read_scene, score, summarize
 
 N_SCENES = 500
@@ -77,3 +78,26 @@ def test_bad_arguments_are_named() -> None:
         SceneObject("star", "red", "small", "left")
     with pytest.raises(ValueError, match="split='test'"):
         sample_scene(np.random.default_rng(0), split="test")
+
+
+def test_taught_shape_is_read_only_when_asked_for() -> None:
+    rng = np.random.default_rng(3)
+    scenes = [sample_taught_scene(rng, "cross") for _ in range(60)]
+    degraded = [_degrade(render(s), rng) for s in scenes]
+    assert summarize([score(img, s) for img, s in zip(degraded, scenes)])["all"] == 1.0  # the scene names it
+    # The default vocabulary has no cross: a cross is read as one of the four shapes, never as "cross".
+    assert all(read_scene(img)["objects"][0]["shape"] in SHAPES for img in degraded)
+    # With the taught shapes in the vocabulary the ordinary scenes still read right.
+    ordinary = [sample_scene(rng) for _ in range(100)]
+    assert summarize([score(render(s), s, SHAPES + TAUGHT_SHAPES) for s in ordinary])["all"] == 1.0
+
+
+def test_taught_prompts_are_fixed_and_name_the_shape() -> None:
+    prompts = taught_eval_prompts("cross")
+    assert prompts == taught_eval_prompts("cross") and len(prompts) == 30
+    assert all("cross" in p and s.objects[0].shape == "cross" for p, s in prompts)
+    assert {scene_group(s) for _, s in prompts} == {"taught"}
+    with pytest.raises(ValueError, match="not a taught shape"):
+        taught_eval_prompts("circle")
+    with pytest.raises(ValueError, match="expected names from"):
+        read_scene(render(prompts[0][1]), ("circle", "star"))

@@ -29,6 +29,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+# Shapes the default model never saw: its training draws from SHAPES only. The LoRA example
+# (`converters/default_model/train_lora.py`, `converters/assets/loras/`) teaches them; the scorer reads them.
+TAUGHT_SHAPES: tuple[str, ...] = ("cross",)
+TAUGHT_SIZE = "large"  # the default model's VAE draws a small cross as a diamond (a large one reads 30/30 cross)
 # Side of the object's square bounding box, as a fraction of the image side.
 SIZES: dict[str, float] = {"small": 0.28, "large": 0.44}
 # Centre of the object's bounding box, as (x, y) fractions of the image side; y grows downwards.
@@ -85,7 +89,7 @@ class SceneObject:
     scale: float = 1.0  # multiplies SIZES[size]
 
     def __post_init__(self) -> None:
-        for field, value, allowed in (("shape", self.shape, SHAPES), ("color", self.color, COLORS),
+        for field, value, allowed in (("shape", self.shape, SHAPES + TAUGHT_SHAPES), ("color", self.color, COLORS),
                                       ("size", self.size, SIZES), ("position", self.position, POSITIONS)):
             if value not in allowed:
                 raise ValueError(f"SceneObject {field}={value!r}; expected one of {list(allowed)}")
@@ -132,7 +136,9 @@ def is_held_out(scene: Scene) -> bool:
 
 
 def scene_group(scene: Scene) -> str:
-    """Evaluation group: 'held_out', 'two_object' or 'seen'."""
+    """Evaluation group: 'taught' (a shape only a LoRA teaches), 'held_out', 'two_object' or 'seen'."""
+    if any(o.shape in TAUGHT_SHAPES for o in scene.objects):
+        return "taught"
     if is_held_out(scene):
         return "held_out"
     return "two_object" if len(scene.objects) == 2 else "seen"
@@ -150,7 +156,12 @@ def _outline(shape: str, cx: float, cy: float, side: float) -> list[tuple[float,
         return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "diamond":
         return [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
-    raise ValueError(f"shape={shape!r}; expected one of {list(SHAPES)}")
+    if shape == "cross":  # a plus sign whose arms are a third of the side wide
+        a = h / 3
+        return [(cx - a, cy - h), (cx + a, cy - h), (cx + a, cy - a), (cx + h, cy - a), (cx + h, cy + a),
+                (cx + a, cy + a), (cx + a, cy + h), (cx - a, cy + h), (cx - a, cy + a), (cx - h, cy + a),
+                (cx - h, cy - a), (cx - a, cy - a)]
+    raise ValueError(f"shape={shape!r}; expected one of {list(SHAPES + TAUGHT_SHAPES)}")
 
 
 def render(scene: Scene, size: int = 64) -> np.ndarray:
@@ -317,6 +328,23 @@ def eval_scenes() -> list[Scene]:
     seen = [_eval_single(c, s, p, _pick(tuple(SIZES), f"size/{c}/{s}/{p}"), "seen")
             for c in COLORS for s in SHAPES for p in POSITIONS if (c, s, p) not in HELD_OUT]
     return held_out + seen + _eval_pairs(48)
+
+
+def sample_taught_scene(rng: np.random.Generator, shape: str) -> Scene:
+    """A random jittered single-object scene of a taught shape (any colour, position, background; TAUGHT_SIZE)."""
+    if shape not in TAUGHT_SHAPES:
+        raise ValueError(f"shape={shape!r} is not a taught shape; expected one of {list(TAUGHT_SHAPES)}")
+    color = _choose(rng, COLORS)
+    background = _choose(rng, tuple(c for c in COLORS if c != color))
+    return Scene(background, (_jittered(rng, shape, color, TAUGHT_SIZE, _choose(rng, tuple(POSITIONS))),))
+
+
+def taught_eval_prompts(shape: str) -> list[tuple[str, Scene]]:
+    """(prompt, scene) for a taught shape: every colour x position once (30), TAUGHT_SIZE, no jitter, deterministic."""
+    if shape not in TAUGHT_SHAPES:
+        raise ValueError(f"shape={shape!r} is not a taught shape; expected one of {list(TAUGHT_SHAPES)}")
+    scenes = [_eval_single(c, shape, p, TAUGHT_SIZE, "taught") for c in COLORS for p in POSITIONS]
+    return [(canonical_caption(scene, variant=i), scene) for i, scene in enumerate(scenes)]
 
 
 def eval_prompts() -> list[tuple[str, Scene]]:

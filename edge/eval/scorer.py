@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 from PIL import Image, ImageFilter
 
-from edge.eval.scenes import COLORS, PALETTE, POSITIONS, RELATIONS, SHAPES, SIZES, Scene
+from edge.eval.scenes import COLORS, PALETTE, POSITIONS, RELATIONS, SHAPES, SIZES, TAUGHT_SHAPES, Scene
 
 MIN_AREA = 0.005  # smallest object, fraction of the image (20 px at 64x64): smaller is speckle
 SPLIT_SHARE = 0.25  # a region holding two colours each >= this share is split into two objects
@@ -68,7 +68,7 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return regions
 
 
-_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5}  # area / box area
+_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9}  # area / box area
 
 
 def _template(shape: str, cx: float, cy: float, side: float, height: int, width: int) -> np.ndarray:
@@ -89,19 +89,22 @@ def _template(shape: str, cx: float, cy: float, side: float, height: int, width:
         inside = (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
     elif shape == "diamond":
         inside = np.abs(x - cx) + np.abs(y - cy) <= h
+    elif shape == "cross":
+        ax, ay = np.abs(x - cx), np.abs(y - cy)
+        inside = (ax <= h) & (ay <= h) & ((ax <= h / 3) | (ay <= h / 3))
     else:
-        raise ValueError(f"shape={shape!r}; expected one of {list(SHAPES)}")
+        raise ValueError(f"shape={shape!r}; expected one of {list(SHAPES + TAUGHT_SHAPES)}")
     return inside.reshape(height, 2, width, 2).mean(axis=(1, 3))  # (h, w)
 
 
-def _read_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
-    """The shape whose template, placed at the region's centroid with the region's area, overlaps
-    it best (soft IoU). Area and centroid barely move under blur, unlike the bounding box."""
+def _read_shape(mask: np.ndarray, shapes: tuple[str, ...]) -> tuple[str, dict[str, float]]:
+    """The shape of `shapes` whose template, placed at the region's centroid with the region's area,
+    overlaps it best (soft IoU). Area and centroid barely move under blur, unlike the bounding box."""
     rows, cols = np.nonzero(mask)
     cy, cx = rows.mean() + 0.5, cols.mean() + 0.5
     target = mask.astype(np.float32)
     ious = {}
-    for shape in SHAPES:
+    for shape in shapes:
         t = _template(shape, cx, cy, float(np.sqrt(len(rows) / _FILL[shape])), *mask.shape)
         ious[shape] = float(np.minimum(t, target).sum() / np.maximum(t, target).sum())
     return max(ious, key=ious.get), ious
@@ -116,12 +119,12 @@ def _read_position(cx: float, cy: float) -> str:
     return "top" if dy < 0 else "bottom"
 
 
-def _describe(mask: np.ndarray, color: int) -> dict:
+def _describe(mask: np.ndarray, color: int, shapes: tuple[str, ...]) -> dict:
     side = mask.shape[0]
     rows, cols = np.nonzero(mask)
     x0, y0, x1, y1 = int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
     cx, cy = (x0 + x1) / 2 / side, (y0 + y1) / 2 / side
-    shape, ious = _read_shape(mask)
+    shape, ious = _read_shape(mask, shapes)
     return {
         "color": COLORS[color],
         "shape": shape,
@@ -187,10 +190,16 @@ def _split_by_color(pixels: np.ndarray, labels: np.ndarray, inner: np.ndarray,
     return parts
 
 
-def read_scene(image: np.ndarray) -> dict:
-    """{'background': colour, 'objects': [{'color', 'shape', 'position', 'size', ...}]}, largest first."""
+def read_scene(image: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> dict:
+    """{'background': colour, 'objects': [{'color', 'shape', 'position', 'size', ...}]}, largest first.
+
+    Each object's shape is read as one of `shapes` (SHAPES, or with TAUGHT_SHAPES for a LoRA that teaches them).
+    """
     if image.shape[0] != image.shape[1]:
         raise ValueError(f"image of shape {image.shape}; expected a square image")
+    unknown = [s for s in shapes if s not in SHAPES + TAUGHT_SHAPES]
+    if unknown or not shapes:
+        raise ValueError(f"shapes={list(shapes)}; expected names from {list(SHAPES + TAUGHT_SHAPES)}")
     side = image.shape[0]
     smooth = _smooth(image)  # (H, W, 3)
     labels = classify_pixels(smooth)  # (H, W)
@@ -204,7 +213,7 @@ def read_scene(image: np.ndarray) -> dict:
         for pixels, color in _split_by_color(region, labels, inner, min_px):
             mask = _refine(pixels, smooth, color, background)
             if mask.sum() >= min_px:
-                objects.append(_describe(mask, color))
+                objects.append(_describe(mask, color, shapes))
     objects.sort(key=lambda o: -o["area"])
     return {"background": COLORS[background], "objects": objects}
 
@@ -243,15 +252,19 @@ def _score_pair(reading: dict, scene: Scene) -> dict[str, bool]:
     }
 
 
-def score(image: np.ndarray, scene: Scene) -> dict[str, bool]:
+def score(image: np.ndarray, scene: Scene, shapes: tuple[str, ...] | None = None) -> dict[str, bool]:
     """Which attributes of `scene` the image shows. Keys: SCORE_KEYS.
+
+    Shapes are read as one of `shapes`; by default SHAPES and any taught shape the scene names.
 
     Single object: the largest region is the object. Two objects: each target is matched to the
     largest region of its colour; 'color' = both present, 'shape' = both shapes right,
     'position' = the relation (left of / above ...) holds. 'all' = background, colour, shape and
     position all right (size and count are reported but not required).
     """
-    reading = read_scene(image)
+    if shapes is None:
+        shapes = SHAPES + tuple(s for s in TAUGHT_SHAPES if any(o.shape == s for o in scene.objects))
+    reading = read_scene(image, shapes)
     result = {"background": reading["background"] == scene.background}
     result |= _score_single(reading, scene) if len(scene.objects) == 1 else _score_pair(reading, scene)
     result["count"] = len(reading["objects"]) == len(scene.objects)
