@@ -26,6 +26,7 @@ class Graphs:
         self.sessions: dict[str, list[Session]] = {}  # loaded components, graphs in run order
         self.load_seconds: dict[str, float] = {}  # session creation per component, latest load
         self.timed_calls: list[tuple[str, float, float]] | None = None  # a list logs every run (wall clock)
+        self.run_options = None  # onnxruntime RunOptions every run gets (edge.sessions.run_options)
         self._verified: set[str] = set()
 
     def open(self, name: str, count: int | None = None) -> list[Session]:
@@ -69,12 +70,15 @@ class Graphs:
                 os.close(fd)
 
     def run(self, name: str, session: Session, feeds: dict[str, np.ndarray],
-            outputs: list[str] | None = None) -> list[np.ndarray]:
-        if self.timed_calls is None:
-            return session.run(outputs, feeds)
+            outputs: list[str] | None = None, timed: bool = True) -> list[np.ndarray]:
+        """One run, with `run_options`; logged in `timed_calls` (when a list) unless `timed` is False (the UNet's
+        chunks: denoise logs the whole call)."""
+        extra = () if self.run_options is None else (self.run_options,)
+        if self.timed_calls is None or not timed:
+            return session.run(outputs, feeds, *extra)
         start = time.time()  # wall clock, to line calls up with other timelines
         try:
-            return session.run(outputs, feeds)
+            return session.run(outputs, feeds, *extra)
         finally:
             self.timed_calls.append((name, start, time.time()))
 

@@ -23,7 +23,7 @@ from edge.inputs import image_inputs, image_size, output_size
 from edge.memprobe import lean_malloc, rss_bytes
 from edge.plan import TINY, Plan, int8_notes, make_plan, parse_bytes
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
-from edge.sessions import open_session, session_options, with_initializers
+from edge.sessions import open_session, run_options, session_options, with_initializers
 from edge.stages import decode as decode_stage
 from edge.stages.control import PREFIX as CONTROLNET
 from edge.stages.control import check_controls, controlled, describe_control
@@ -64,7 +64,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, bundle: Path | str, *, threads: int | None = None, verify: bool = True,
-             providers: list[str] | None = None, memory_arena: bool = False,
+             providers: list[str] | None = None, memory_arena: bool | str | None = None,
              memory_budget: str | int | None = None, preload: bool = True, backend: str = "onnx",
              compute_units: str = "cpu_and_ne", optimization: str | None = None,
              inference_precision: str | None = None) -> "Pipeline":
@@ -73,10 +73,8 @@ class Pipeline:
         `memory_budget` ("4GB", "1.5GiB", bytes) plans every generate() to stay within it (see edge.plan):
         a budget no plan meets is refused here, for the default size, before anything is loaded.
         Without one, every component is loaded now and stays resident (`preload=False`: at first use).
-        `memory_arena` keeps onnxruntime's CPU arena, which holds on to its largest activations between
-        calls (faster allocation, GBs more resident for a full-size UNet); off by default, as on a device.
-        `optimization` is onnxruntime's graph optimisation level (see session_options): by default "all"
-        without a budget (fastest) and "extended" under one (leaner; what the planner's figures assume).
+        `memory_arena` (edge.sessions.ARENA_MODES) and `optimization` (onnxruntime's graph optimisation level) by
+        default: "per_run" and "all" without a budget (fastest), "off" and "extended" under one (the planner's).
         `backend="coreml"` runs the bundle's Core ML graphs on macOS (edge.coreml_backend; `compute_units`:
         all, cpu_only, cpu_and_gpu, cpu_and_ne). `backend="openvino"` compiles the same ONNX graphs with OpenVINO
         (edge.openvino_backend; `inference_precision`: None for OpenVINO's choice on this CPU, or f32/bf16/f16).
@@ -98,14 +96,15 @@ class Pipeline:
         if not manifest.components:
             raise ValueError(f"{bundle} holds only Core ML graphs: load it with backend='coreml' (macOS)")
         budget = None if memory_budget is None else parse_bytes(memory_budget)
-        if optimization is None:
-            optimization = "all" if budget is None else "extended"
+        optimization = optimization or ("all" if budget is None else "extended")
+        memory_arena = ("per_run" if budget is None else "off") if memory_arena is None else memory_arena
         if budget is not None:
             lean_malloc()  # freed buffers leave the process at once, as the planner's figures were measured
         options = {int8: session_options(threads, memory_arena, optimization, int8=int8) for int8 in (True, False)}
         providers = ["CPUExecutionProvider"] if providers is None else providers
-        args = {"threads": threads, "memory_arena": memory_arena, "optimization": optimization}
-        return cls._start(bundle, manifest, options, providers, budget, verify, preload, _option_args=args)
+        args = {"_option_args": {"threads": threads, "memory_arena": memory_arena, "optimization": optimization},
+                "_run_options": run_options(memory_arena)}
+        return cls._start(bundle, manifest, options, providers, budget, verify, preload, **args)
 
     @classmethod
     def _start(cls, bundle: Path, manifest: Manifest, options, providers: list[str], budget: int | None,
@@ -271,9 +270,9 @@ class Pipeline:
 
     sessions = property(lambda self: self.graphs.sessions)  # component -> its loaded sessions
     load_seconds = property(lambda self: self.graphs.load_seconds)  # component -> seconds of its latest load
-
     # set to a list to log every graph run as (name, start, end), wall clock (the UNet: per call)
     timed_calls = property(lambda self: self.graphs.timed_calls, lambda self, v: setattr(self.graphs, "timed_calls", v))
+    _run_options = property(lambda self: self.graphs.run_options, lambda self, v: setattr(self.graphs, "run_options", v))
 
     def load_embedding(self, path: Path | str, token: str | None = None) -> Embedding:
         """A textual-inversion embedding (edge.embeddings): its token works in prompts from the next generate()."""

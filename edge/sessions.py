@@ -19,7 +19,33 @@ OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
-def session_options(threads: int | None = None, memory_arena: bool = False, optimization: str = "extended",
+# onnxruntime's CPU arena: "off"; "per_run", given back at the end of every run (edge.graphs passes
+# run_options); "kept" between runs, grown to the largest run's size. Without an arena every large buffer is a
+# fresh mmap whose pages the kernel faults in and zeroes: the first SD 1.5 512x512 VAE decode on one thread
+# (benchmarks/vae_first_decode.py, AMD EPYC Zen 4) took 33.3 s "off" (3.3 M page faults, 7 s in the kernel) and
+# 25.7 s "per_run", at the same peak (1.35 GB) and with 0.3 GB held after; "kept" peaked at 2.36 GB.
+ARENA_MODES = ("off", "per_run", "kept")
+
+
+def arena_mode(memory_arena: bool | str) -> str:
+    """One of ARENA_MODES; True and False (older callers) mean "kept" and "off"."""
+    if isinstance(memory_arena, bool):
+        return "kept" if memory_arena else "off"
+    if memory_arena not in ARENA_MODES:
+        raise ValueError(f"memory_arena={memory_arena!r}; choose one of {', '.join(ARENA_MODES)}")
+    return memory_arena
+
+
+def run_options(memory_arena: bool | str) -> ort.RunOptions | None:
+    """The options every run takes: with a "per_run" arena, the arena is shrunk back at the end of the run."""
+    if arena_mode(memory_arena) != "per_run":
+        return None
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+def session_options(threads: int | None = None, memory_arena: bool | str = False, optimization: str = "extended",
                     cpu: CpuFeatures | None = None, int8: bool = True) -> ort.SessionOptions:
     """onnxruntime options for one graph on this CPU (`cpu`: its features; default: read from this one);
     `int8=False` for graphs without int8 weights, which then keep every fast kernel (see edge.cpu).
@@ -42,7 +68,7 @@ def session_options(threads: int | None = None, memory_arena: bool = False, opti
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
     options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = memory_arena
+    options.enable_cpu_mem_arena = arena_mode(memory_arena) != "off"  # "per_run": with run_options(...)
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     if threads is not None:
         options.intra_op_num_threads = threads

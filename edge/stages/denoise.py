@@ -55,7 +55,7 @@ def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, c
             graphs.prefetch(component, k + 1)  # the next chunk's read overlaps this one's run
         names = [o.name for o in session.get_outputs()]
         feeds = {i.name: env[i.name] for i in session.get_inputs()}
-        env.update(zip(names, session.run(names, feeds)))
+        env.update(zip(names, graphs.run("unet", session, feeds, names, timed=False)))
         if k in deep:  # this step's deep features, for the cached steps that follow
             cache.update({n: env[n] for n in component.deep_cache["cached"] if n in names})
         del session, feeds
