@@ -21,9 +21,10 @@ OPTIMIZATION_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
 
 # onnxruntime's CPU arena: "off"; "per_run", given back at the end of every run (edge.graphs passes
 # run_options); "kept" between runs, grown to the largest run's size. Without an arena every large buffer is a
-# fresh mmap whose pages the kernel faults in and zeroes: the first SD 1.5 512x512 VAE decode on one thread
-# (benchmarks/vae_first_decode.py, AMD EPYC Zen 4) took 33.3 s "off" (3.3 M page faults, 7 s in the kernel) and
-# 25.7 s "per_run", at the same peak (1.35 GB) and with 0.3 GB held after; "kept" peaked at 2.36 GB.
+# fresh mmap whose pages the kernel faults in and zeroes: the first SD 1.5 512x512 VAE decode, 2 threads
+# (benchmarks/vae_first_decode.py, AMD EPYC Zen 4), took 18.6 s "off" (3.35 M page faults, 7.6 s in the kernel),
+# 13.3 s "per_run" (peak 1.47 against 1.37 GB), 13.4 s "kept" (peak 2.36 GB). Under a memory budget the runtime
+# keeps it off: the planner's figures are measured so, and "per_run" peaked higher there (int8, 1.37 vs 1.20 GB).
 ARENA_MODES = ("off", "per_run", "kept")
 
 
