@@ -1,4 +1,4 @@
-"""A tiny random-weight Stable Diffusion 1.x pipeline, for tests that need the real architecture.
+"""Tiny random-weight Stable Diffusion 1.x and 2.x pipelines, for tests that need the real architecture.
 
 Same block structure as SD 1.5 (cross-attention UNet, 8x-downsampling VAE with 4 latent
 channels, CLIP text encoder with the real 49,408-token vocabulary and 77 positions), with
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .ldm_layout import save_single_file
@@ -35,9 +35,16 @@ SD15_SCHEDULER = {
 }
 
 
-def _unet(in_channels: int = 4) -> UNet2DConditionModel:
+# SD 2.1 (768-v)'s scheduler_config.json: DDIM, v-prediction.
+SD21_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
+SD2_SIZE = 96  # pixels: the tiny SD 2.x's native size, 1.5x the SD 1.x one's (768 against 512)
+
+
+def _unet(in_channels: int = 4, sd2: bool = False) -> UNet2DConditionModel:
+    """SD 1.x's structure; `sd2`: SD 2.x's (attention heads per block, linear projections, fp32 attention)."""
+    sd2_only = dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
     return UNet2DConditionModel(
-        sample_size=8,  # latent side: 64 px images
+        sample_size=SD2_SIZE // 8 if sd2 else 8,  # latent side: 64 px images (96 for SD 2.x)
         in_channels=in_channels,  # 9: an inpainting UNet (latents, mask, masked-image latents)
         out_channels=4,
         block_out_channels=(32, 64),
@@ -45,8 +52,8 @@ def _unet(in_channels: int = 4) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,  # = text encoder hidden size
-        attention_head_dim=8,
         norm_num_groups=32,
+        **(sd2_only if sd2 else dict(attention_head_dim=8)),
     )
 
 
@@ -64,7 +71,8 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _text_encoder() -> CLIPTextModel:
+def _text_encoder(sd2: bool = False) -> CLIPTextModel:
+    """CLIP's text transformer; `sd2`: OpenCLIP's activation (gelu), as SD 2.x's text encoder has it."""
     config = CLIPTextConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -72,6 +80,7 @@ def _text_encoder() -> CLIPTextModel:
         intermediate_size=64,
         vocab_size=49408,
         max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
     )
     return CLIPTextModel(config)
 
@@ -96,6 +105,18 @@ def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_sd2_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A random SD 2.x pipeline (768-v's structure: v-prediction, DDIM, gelu text encoder, linear-projection
+    transformers with per-block heads and fp32 attention, a native size larger than SD 1.x's)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae, text_encoder = _unet(sd2=True), _vae(), _text_encoder(sd2=True)
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=unet.eval(), scheduler=DDIMScheduler.from_config(SD21_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
 
 
 def save_tiny(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0, unet_in_channels: int = 4) -> Path:
