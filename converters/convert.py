@@ -29,6 +29,8 @@ from edge.converters.calibrate import calibrate
 from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
+from edge.converters.sdxl import conditioning_record, is_xl, xl_specs
+from edge.converters.sdxl import refusal as xl_refusal
 from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
 from edge.converters.controlnet import PREFIX as CONTROLNET
 from edge.converters.controlnet import control_inputs, load_name, with_controlnets
@@ -51,8 +53,9 @@ MAPPED_OVER = 16 * 2**20
 MIN_PSNR_VS_FP32 = {"fp16": 40.0, "int8": 30.0, "int4": 25.0}
 # Which components each precision stores lower; the rest stay fp32. int8/int4 convert MatMul/Gemm
 # weights, which the VAE (convolutions) hardly has: it stays fp32 there.
-QUANTIZED = {"fp16": ("text_encoder", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head", "vae_decoder_tiled"),
-             "int8": ("text_encoder", "unet"), "int4": ("text_encoder", "unet")}
+QUANTIZED = {"fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head",
+                      "vae_decoder_tiled"),
+             "int8": ("text_encoder", "text_encoder_2", "unet"), "int4": ("text_encoder", "text_encoder_2", "unet")}
 # int8 with static activations calibrates these on their own denoising trajectories (converters/calibrate.py),
 # Conv included. The VAE decoder stays fp32 (see converters/calibrate.py).
 STATIC_INT8 = ("unet",)
@@ -151,6 +154,9 @@ def convert(
         t0 = time.perf_counter()
         src = open_source(source, config=config, allow_pickle=allow_pickle)
         log(f"loaded {source} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
+        why = xl_refusal(src.pipe, options) if is_xl(src.pipe) else None
+        if why:
+            raise ConvertError(why)
 
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
         _remove_stale_partials(out)
@@ -194,7 +200,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     loras = fuse_loras(pipe, list(options.loras), log) if options.loras else []
     weight_map: dict[str, dict] = {}  # component -> where each Linear/Conv weight is (runtime LoRA)
     tiny = _tiny_vae(src, options)
-    specs = component_specs(pipe) + (tiled_vae_specs(pipe) if options.tiled_vae else [])
+    xl = is_xl(pipe)  # two text encoders, the added conditions riding in the context (converters/sdxl.py)
+    specs = (xl_specs(pipe) if xl else component_specs(pipe)) + (tiled_vae_specs(pipe) if options.tiled_vae else [])
     specs += [] if tiny is None else [tiny_vae_spec(tiny[1])]
     specs = specs if "onnx" in options.targets else []  # a Core ML-only bundle: metadata and tokenizer here
     specs, controls = with_controlnets(specs, pipe.unet, options.controlnets, vae_scale)
@@ -296,7 +303,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     return {
         "format_version": FORMAT_VERSION,
         "bundle_id": hashlib.sha256(hashes.encode()).hexdigest()[:12],
-        "family": "sd2" if te_cfg.hidden_act == "gelu" else "sd1",
+        "family": "sdxl" if xl else "sd2" if te_cfg.hidden_act == "gelu" else "sd1",
+        **({"conditioning": conditioning_record(pipe)} if xl else {}),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         "scheduler": scheduler,
         "latent_channels": pipe.vae.config.latent_channels,

@@ -83,11 +83,21 @@ def _builtin(name: str):
     return tiny_pipeline()
 
 
-def _from_pretrained(where: str, **kwargs: Any):
-    from diffusers import StableDiffusionPipeline
+def _pipeline_class(where: str):
+    """StableDiffusionXLPipeline for a folder whose model_index.json names it, else StableDiffusionPipeline."""
+    import diffusers
 
+    index = Path(where) / "model_index.json"
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        name = ""
+    return diffusers.StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else diffusers.StableDiffusionPipeline
+
+
+def _from_pretrained(where: str, **kwargs: Any):
+    try:
+        pipe = _pipeline_class(where).from_pretrained(
             where, safety_checker=None, requires_safety_checker=False, local_files_only=True, **kwargs,
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -157,8 +167,9 @@ def _check_pipe(pipe, where: str):
     if len(pipe.tokenizer) != vocab:  # e.g. a config folder without tokenizer/ gives a 2-token stand-in
         raise SourceError(f"{where}: the tokenizer has {len(pipe.tokenizer)} tokens but the text encoder "
                           f"expects {vocab}; is the tokenizer/ folder missing or from another model?")
-    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
-        module.eval().to(torch.float32)
+    for module in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet, pipe.vae):
+        if module is not None:
+            module.eval().to(torch.float32)
     return pipe
 
 

@@ -73,7 +73,7 @@ class Chunk:
 class Manifest:
     format_version: int
     bundle_id: str  # short hash of all component hashes
-    family: str  # "sd1" (CLIP text encoder) or "sd2" (OpenCLIP), by the text encoder's activation
+    family: str  # "sd1" (CLIP text encoder), "sd2" (OpenCLIP, by its activation) or "sdxl" (two text encoders)
     prediction_type: str  # "epsilon" or "v_prediction"
     # The keys the source model's scheduler_config.json states (older bundles: the source class's whole config,
     # defaults included); every sampler fills in what is absent with its diffusers class's default.
@@ -97,6 +97,9 @@ class Manifest:
     # weights.json: where each Linear/Conv weight of the UNet and text encoder is stored (edge.adapters, LoRA at
     # run time); "" in bundles from before it
     weight_map: str = ""
+    # SDXL: how the added conditions ride in the UNet's context (converters/sdxl.py: rows, pooled_dim, time_ids,
+    # the second tokenizer's pad, force_zeros_for_empty_prompt); {} for SD 1.x/2.x
+    conditioning: dict[str, Any] = field(default_factory=dict)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -164,6 +167,7 @@ def parse_manifest(d: dict[str, Any], where: str) -> Manifest:
             files=_older_files(d) if "files" not in d else _file_map(d["files"], where),
             hashes_every_file="files" in d,
             weight_map=str(d.get("weight_map", "")),
+            conditioning=dict(d.get("conditioning", {})),
         )
     except (KeyError, TypeError, IndexError) as e:
         raise BundleError(f"{where}: manifest is missing or has a malformed field: {e}") from None

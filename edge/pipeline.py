@@ -194,7 +194,7 @@ class Pipeline:
 
         t = time.perf_counter()
         context = self.encode_text(text, negative_text, guided=guided, copies=latents.shape[0],
-                                   syntax=prompt_syntax)
+                                   syntax=prompt_syntax, size=(height, width))
         self._done_with("text_encoder")
         timings["text_encoder"] = time.perf_counter() - t
 
@@ -231,9 +231,9 @@ class Pipeline:
     # ----------------------------------------------------------------------- the stages, on this bundle
 
     def encode_text(self, prompt: str, negative_prompt: str, guided: bool, copies: int,
-                    syntax: str = "auto") -> np.ndarray:
+                    syntax: str = "auto", size: tuple[int, int] | None = None) -> np.ndarray:
         """(2N, L, D) as [unconditional x N, conditional x N] when guided, else (N, L, D) (edge.stages.text)."""
-        return encode_text(self.graphs, self.tokenizer, prompt, negative_prompt, guided, copies, syntax)
+        return encode_text(self.graphs, self.tokenizer, prompt, negative_prompt, guided, copies, syntax, size)
 
     def denoise(self, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
                 start: int = 0, extra: np.ndarray | None = None, blend: Blend | None = None,

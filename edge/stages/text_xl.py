@@ -1,0 +1,83 @@
+"""SDXL's text conditioning: (prompt, negative prompt, size) -> the UNet's context, (B, 77k + 2, D1 + D2).
+
+Both text encoders' penultimate hidden states side by side (weighted and windowed as edge.prompts does for one
+encoder: compel weights SDXL's two encoders the same way), then the added conditions as the last two rows
+(converters/sdxl.py): the second encoder's pooled embedding of the prompt, and the time ids (original size, crop
+top-left, target size; diffusers' defaults: the generation's size, no crop). Without a negative prompt, SDXL
+bundles whose model says `force_zeros_for_empty_prompt` condition the unguided half on zeros, as diffusers does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge.graphs import Graphs
+from edge.prompts import encode_pair, encode_weighted, parse_prompt
+from edge.prompts.parsed import Blend, Fragment
+from edge.stages.text import windows_allowed
+from edge.tokenizer import ClipTokenizer
+
+
+def second_ids(ids: np.ndarray, eos: int, pad: int) -> np.ndarray:
+    """(B, 77) ids of the first tokenizer as the second tokenizes them: the same tokens, padded with its own
+    pad id after each row's first end-of-text (SDXL's second tokenizer pads with "!", id 0)."""
+    out = ids.copy()
+    for row in out:
+        ends = np.flatnonzero(row == eos)
+        if len(ends):
+            row[ends[0] + 1:] = pad
+    return out
+
+
+def plain_text(prompt: str, syntax: str) -> str:
+    """The prompt's words without weighting syntax: what the pooled embedding is taken of."""
+    part = parse_prompt(prompt, syntax).parts[0]
+    fragments = part.prompts[0] if isinstance(part, Blend) else part
+    return "".join(f.text for f in fragments if isinstance(f, Fragment))
+
+
+def condition_rows(pooled: np.ndarray, time_ids: list[float], width: int) -> np.ndarray:
+    """(1, 2, width): the pooled embedding (1, P) and the time ids, each zero-padded to the context's width."""
+    rows = np.zeros((1, 2, width), np.float32)
+    rows[0, 0, : pooled.shape[-1]] = pooled[0]
+    rows[0, 1, : len(time_ids)] = time_ids
+    return rows
+
+
+def encode_text_xl(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negative_prompt: str, guided: bool,
+                   copies: int, syntax: str, size: tuple[int, int]) -> np.ndarray:
+    """(2N, L + 2, D) as [unconditional x N, conditional x N] when guided, else (N, L + 2, D)."""
+    cond = graphs.manifest.conditioning
+    first, second = graphs.open("text_encoder")[0], graphs.open("text_encoder_2")[0]
+
+    def run_second(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:  # [(1, 77, D2), (1, P)]
+        feeds = {"input_ids": second_ids(ids, tokenizer.eos_id, cond["pad_id_2"]), "attention_mask": mask}
+        return graphs.run("text_encoder_2", second, feeds)
+
+    def encode_masked(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # (1, 77) each -> (1, 77, D1 + D2)
+        hidden = graphs.run("text_encoder", first, {"input_ids": ids, "attention_mask": mask})[0]
+        return np.concatenate([hidden, run_second(ids, mask)[0]], axis=-1)
+
+    def pooled(text: str) -> np.ndarray:  # (1, P), of the prompt's first 77 tokens, as diffusers takes it
+        ids = tokenizer.encode(plain_text(text, syntax)).ids
+        return run_second(ids, np.ones_like(ids))[1]
+
+    def encode(ids: np.ndarray) -> np.ndarray:
+        return encode_masked(ids, np.ones_like(ids))
+
+    h, w = size
+    time_ids = [float(h), float(w), 0.0, 0.0, float(h), float(w)][: cond["time_ids"]]
+    how = {"encode_masked": encode_masked, "downweight": "mask"}
+    windows = windows_allowed(graphs)
+    zeros = cond.get("force_zeros_for_empty_prompt", True) and not negative_prompt
+    if not guided:
+        states = [encode_weighted(prompt, tokenizer, encode, syntax, windows, **how)]
+        extras = [pooled(prompt)]
+    else:
+        states = list(encode_pair(prompt, negative_prompt, tokenizer, encode, syntax, windows, **how))[::-1]
+        extras = [pooled(negative_prompt), pooled(prompt)]
+        if zeros:
+            states[0], extras[0] = np.zeros_like(states[1]), np.zeros_like(extras[1])
+    width = states[-1].shape[-1]
+    rows = [np.concatenate([s, condition_rows(p, time_ids, width)], axis=1) for s, p in zip(states, extras)]
+    return np.concatenate([np.repeat(r, copies, axis=0) for r in rows]).astype(np.float32)  # (B, L + 2, D)
