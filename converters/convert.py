@@ -29,7 +29,7 @@ from edge.converters.calibrate import calibrate
 from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config
-from edge.converters.sdxl import conditioning_record, is_xl, xl_specs
+from edge.converters.sdxl import conditioning_record, is_xl, unused_weights, xl_specs
 from edge.converters.sdxl import refusal as xl_refusal
 from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
 from edge.converters.controlnet import PREFIX as CONTROLNET
@@ -258,6 +258,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             files = realign(files)  # weights page-aligned in a .data file: onnxruntime maps them (no copy)
         if matched is not None:
             weight_map[spec.name] = locate(matched, [tmp / c["file"] for c in chunks] if chunks else files[:1])
+            weight_map[spec.name] |= unused_weights(pipe).get(spec.name, {}) if xl else {}
         components[spec.name] = {
             "file": files[0].name,
             "files": {f.name: sha256_file(f) for f in files},

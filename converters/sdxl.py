@@ -108,6 +108,17 @@ def xl_specs(pipe) -> list[Spec]:
     ]
 
 
+def unused_weights(pipe) -> dict[str, dict[str, dict]]:
+    """Weights the graphs leave out because SDXL never reads them: the first text encoder's last layer (it
+    conditions on the penultimate one). weights.json marks them `unused`, so that a LoRA touching them is applied
+    as diffusers applies it (to no effect) instead of being reported as not matching the model."""
+    last = pipe.text_encoder.config.num_hidden_layers - 1
+    prefix = f"encoder.layers.{last}."
+    names = [n + ".weight" for n, m in pipe.text_encoder.named_modules()  # transformers 5 has no text_model.
+             if n.removeprefix("text_model.").startswith(prefix) and isinstance(m, torch.nn.Linear)]
+    return {"text_encoder": {n: {"unused": True} for n in names}}
+
+
 def conditioning_record(pipe) -> dict:
     """What the runtime needs to write the added conditions (the manifest's `conditioning`)."""
     pooled, ids = added_widths(pipe)

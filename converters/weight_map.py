@@ -63,7 +63,7 @@ def locate(matched: dict[str, tuple[str, bool]], graphs: list[Path]) -> dict[str
     return out
 
 
-LORA_COMPONENTS = ("unet", "text_encoder")
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's
 
 
 def model_weights(pipe) -> dict[str, dict[str, torch.nn.Parameter]]:
@@ -106,7 +106,7 @@ def add_weight_map(bundle: Path, source: str) -> dict[str, dict]:
     manifest = read_manifest(bundle)
     pipe = open_source(source).pipe
     found = {}
-    for name in LORA_COMPONENTS:
+    for name in (c for c in LORA_COMPONENTS if c in manifest.components):
         graphs = [bundle / g for g in manifest.components[name].graphs]
         matched = {}
         for graph in graphs:

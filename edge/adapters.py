@@ -73,6 +73,8 @@ class Adapters:
             where = self.weight_map()
             sha = {id(layer): lora.sha256 for lora, _ in loras for layer in lora.layers}
             for (component, weight), changes in resolved.changes.items():
+                if where[component][weight].get("unused"):  # a weight the graphs never read (SDXL's last TE layer)
+                    continue
                 key = (component, where[component][weight]["graph"])
                 by_graph.setdefault(key, []).extend((weight, sha[id(layer)], layer.module, scale)
                                                     for layer, scale in changes)
@@ -120,7 +122,7 @@ class Adapters:
         component, k = key
         where = self.weight_map()[component]
         changes = {} if resolved is None else {
-            w: ch for (c, w), ch in resolved.changes.items() if c == component and where[w]["graph"] == k}
+            w: ch for (c, w), ch in resolved.changes.items() if c == component and where[w].get("graph") == k}
         table, entry = self._table() if self.embeddings and component == "text_encoder" else (None, None)
         if entry is not None and entry["graph"] == k:
             changes[table] = []

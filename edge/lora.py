@@ -49,6 +49,7 @@ class Layer:
     down: np.ndarray  # (rank, in) or (rank, in, kh, kw)
     up: np.ndarray  # (out, rank) or (out, rank, 1, 1)
     alpha: float
+    file: str = ""  # the LoRA file's name, for errors
 
     @property
     def rank(self) -> int:
@@ -60,7 +61,7 @@ class Layer:
         down = self.down.reshape(self.rank, -1).astype(np.float32)
         d = (self.alpha / self.rank) * (up @ down)
         if d.size != math.prod(shape):
-            raise LoraError(f"LoRA layer {self.module}: its change has shape {list(d.shape)}, the model's weight "
+            raise LoraError(f"LoRA {self.file} layer {self.module}: its change has shape {list(d.shape)}, the model's weight "
                             f"{list(shape)}; is this LoRA for another model?")
         return d.reshape(shape)
 
@@ -120,7 +121,7 @@ def read_lora(path: Path | str) -> LoraFile:
             raise LoraError(f"{path}: layer {module}: up {list(up.shape)} and down {list(down.shape)} disagree on "
                             "the rank")
         alpha = float(parts["alpha"].reshape(-1)[0]) if "alpha" in parts else alphas.get(component, down.shape[0])
-        layers.append(Layer(component, module, kohya, down, up, alpha))
+        layers.append(Layer(component, module, kohya, down, up, alpha, path.name))
     if not layers:
         raise LoraError(f"{path} holds no LoRA weights")
     return LoraFile(path, sha256_file(path), tuple(layers))

@@ -41,9 +41,14 @@ def write_diffusers_lora(pipe, path: Path, *, rank: int = 4, alpha: float = 8.0,
         return {"r": rank, "lora_alpha": alpha, "target_modules": modules}
 
     path.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=unet, text_encoder_lora_layers=te,
-                                              unet_lora_adapter_metadata=meta(unet),
-                                              text_encoder_lora_adapter_metadata=meta(te) if te else None)
+    layers = {"unet_lora_layers": unet, "text_encoder_lora_layers": te, "unet_lora_adapter_metadata": meta(unet),
+              "text_encoder_lora_adapter_metadata": meta(te) if te else None}
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second text encoder too
+        from diffusers import StableDiffusionXLPipeline as StableDiffusionPipeline  # noqa: F811
+
+        te2 = _lora_state(pipe.text_encoder_2, TEXT_TARGETS, rank, alpha, seed + 2) if text_encoder else None
+        layers |= {"text_encoder_2_lora_layers": te2, "text_encoder_2_lora_adapter_metadata": meta(te2) if te2 else None}
+    StableDiffusionPipeline.save_lora_weights(path, **layers)
     return path / "pytorch_lora_weights.safetensors"
 
 
@@ -55,8 +60,12 @@ def write_kohya_lora(pipe, path: Path, *, rank: int = 4, alpha: float = 2.0, see
 
     out = {}
     parts = [("lora_unet_", "", _lora_state(pipe.unet, UNET_TARGETS, rank, alpha, seed))]
+    xl = getattr(pipe, "text_encoder_2", None) is not None  # SDXL: lora_te1_ / lora_te2_
     if text_encoder:
-        parts.append(("lora_te_", "text_model.", _lora_state(pipe.text_encoder, TEXT_TARGETS, rank, alpha, seed + 1)))
+        parts.append(("lora_te1_" if xl else "lora_te_", "text_model.",
+                      _lora_state(pipe.text_encoder, TEXT_TARGETS, rank, alpha, seed + 1)))
+    if text_encoder and xl:
+        parts.append(("lora_te2_", "text_model.", _lora_state(pipe.text_encoder_2, TEXT_TARGETS, rank, alpha, seed + 2)))
     for prefix, nest, state in parts:
         for key, value in state.items():
             module, _, part = key.rpartition(".lora_")

@@ -4,6 +4,8 @@ converts and draws what diffusers' StableDiffusionXLPipeline draws from the same
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,40 @@ def test_what_sdxl_does_not_take_yet_is_refused(sdxl, tmp_path):
     assert not (tmp_path / "b").exists()
     with pytest.raises(BudgetError, match="not planned for sdxl bundles yet"):
         Pipeline.load(sdxl[1], memory_budget="4GB")
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_sdxl_lora_at_run_time_matches_diffusers(sdxl, tmp_path, layout):
+    """UNet and both text encoders (diffusers' text_encoder_2, kohya's lora_te1_ / lora_te2_), applied by edge at
+    run time, against diffusers' load_lora_weights on the same latents."""
+    from lora_files import write_diffusers_lora, write_kohya_lora
+
+    model, bundle, pipe = sdxl
+    path = (write_diffusers_lora(pipe, tmp_path / "d", alpha=4.0) if layout == "diffusers"
+            else write_kohya_lora(pipe, tmp_path / "k.safetensors"))
+    latents = np.random.default_rng(9).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    plain = _diffusers_image(pipe, "euler", latents, "blurry", 64, 64, steps=5)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.7])
+    try:
+        reference = _diffusers_image(pipe, "euler", latents, "blurry", 64, 64, steps=5)
+    finally:
+        pipe.unload_lora_weights()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = Pipeline.load(bundle).generate(PROMPT, negative_prompt="blurry", steps=5, guidance=6.0,
+                                              scheduler="euler", latents=latents, loras=[(path, 0.7)]).images[0]
+    # the first text encoder's last layer is not in the graph (SDXL reads the penultimate): not a mismatch
+    assert not [w for w in caught if "match no weight" in str(w.message)]
+    assert psnr(plain.astype(np.float64), reference.astype(np.float64), peak=255.0) < 30  # the LoRA changes it
+    assert psnr(reference.astype(np.float64), np.asarray(ours, np.float64), peak=255.0) >= 40
+
+
+def test_an_sdxl_lora_on_an_sd1_bundle_is_refused(sdxl, bundles, tmp_path):
+    from lora_files import write_kohya_lora
+
+    from edge.lora import LoraError
+
+    path = write_kohya_lora(sdxl[2], tmp_path / "xl.safetensors")
+    with pytest.raises(LoraError, match="xl.safetensors"):
+        Pipeline.load(bundles["folder-epsilon"]).generate(PROMPT, steps=2, loras=[(path, 1.0)])
