@@ -107,6 +107,9 @@ class Adapters:
     def add_embedding(self, embedding: Embedding, tokenizer) -> Embedding:
         """A textual-inversion embedding's tokens into the vocabulary, its vectors into the token table at the
         next use(); its rows must follow the table's (the tokenizer numbers new words after the vocabulary)."""
+        if self.manifest.conditioning:  # SDXL: both encoders' tables would grow (clip_l / clip_g vectors)
+            raise EmbeddingError(f"{embedding.path.name}: textual inversion on {self.manifest.family} bundles is not "
+                                 "built yet (it needs vectors for both text encoders)")
         name, entry = self._table()
         if entry is None or entry["stored"] != "float":
             raise EmbeddingError(f"{self.bundle} does not record its text encoder's token table as a float weight; "

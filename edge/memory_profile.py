@@ -20,7 +20,7 @@ from edge.memprobe import fit_activation, probe
 
 # What `edge generate` loads; the head of the cut VAE decoder (tiled decoding) where the bundle has one.
 # The encoder: img2img; the tiny decoder: previews and --decoder tiny.
-PROFILED = ("text_encoder", "unet", "vae_decoder", "vae_decoder_head", "vae_decoder_tiled", "vae_encoder",
+PROFILED = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_decoder_head", "vae_decoder_tiled", "vae_encoder",
             "tiny_vae_decoder")
 
 
@@ -43,7 +43,7 @@ def samples_for(name: str, latent_hw: tuple[int, int], multiple: int) -> list[tu
     def scaled(f: float) -> tuple[int, int]:
         return max(multiple, round(h * f / multiple) * multiple), max(multiple, round(w * f / multiple) * multiple)
 
-    if name == "text_encoder":
+    if name.startswith("text_encoder"):  # SDXL's text_encoder_2 too: no latent input
         return [(h, w, 1)]
     if name == "unet" or name.startswith("controlnet_"):
         return [(h, w, 1), (h, w, 2), (*scaled(0.5), 1)]
@@ -70,7 +70,7 @@ def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int],
         inputs = {t["name"]: {"dtype": t["dtype"], "shape": [dims.get(d, d) if isinstance(d, str) else d
                                                              for d in t["shape"]]}
                   for t in component["inputs"]}
-        runs.append(((h * w if name != "text_encoder" else 0), batch, probe(files, inputs, reads, threads)))
+        runs.append(((0 if name.startswith("text_encoder") else h * w), batch, probe(files, inputs, reads, threads)))
         log(f"    memory {name} {h}x{w} latent, batch {batch}: " + ", ".join(
             f"resident {g['resident'] / 2**20:.0f} MiB, activation {g['activation'] / 2**20:.0f} MiB"
             for g in runs[-1][2]))

@@ -123,6 +123,19 @@ class _Graphs:
         return out
 
 
+def _text_encoders(manifest: Manifest) -> _Graphs:
+    """The text stage as one graph: SDXL's two encoders are loaded one after the other and both held while the
+    prompts are encoded (edge.stages.text_xl), so they add up; the larger activation runs on top of both."""
+    first = _Graphs.of(manifest.components["text_encoder"])
+    if "text_encoder_2" not in manifest.components:
+        return first
+    second = _Graphs.of(manifest.components["text_encoder_2"])
+    acts = (first.activation[0], second.activation[0])
+    act = max(acts, key=lambda fit: activation_bytes(fit, 1, 1))
+    return _Graphs((max(first.load_peak[0], first.resident[0] + second.load_peak[0]),),
+                   (first.resident[0] + second.resident[0],), (act,), ({"a": 0.0},))
+
+
 def _controlnets(manifest: Manifest, names: tuple[str, ...]) -> list[_Graphs]:
     missing = [n for n in names if not manifest.components[n].memory]
     if missing:
@@ -150,9 +163,6 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     `decoder`: "tiny" decodes with the tiny autoencoder (never tiled: it holds a tile's worth at most).
     `controlnets`: the ControlNet components this generation runs (a stage of the denoiser: resident while it
     runs, or loaded for every UNet call when that is what fits)."""
-    if manifest.conditioning and budget is not None:
-        raise BudgetError(f"memory budgets are not planned for {manifest.family} bundles yet (the second text "
-                          "encoder is not measured); run without --memory-budget")
     controls = _controlnets(manifest, controlnets)
     f = manifest.vae_scale_factor
     h, w = height // f, width // f
@@ -160,7 +170,7 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     tiny = _Graphs.of(tiny) if tiny is not None and tiny.memory else None
     if decoder == "tiny" and tiny is None:
         raise BudgetError(f"this bundle has no measured {TINY}: re-convert it with --tiny-vae to plan with it")
-    te, unet = (_Graphs.of(manifest.components[n]) for n in ("text_encoder", "unet"))
+    te, unet = _text_encoders(manifest), _Graphs.of(manifest.components["unet"])
     vae = tiny if decoder == "tiny" else _Graphs.of(manifest.components["vae_decoder"])
     tiny_cost = 0 if tiny is None else tiny.resident[0] + tiny.run(h * w, 1)[0] + 3 * height * width * 4
     te_act = te.run(1, 1)[0]  # one prompt per call, any latent size

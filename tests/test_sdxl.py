@@ -71,13 +71,35 @@ def test_sdxl_matches_diffusers(sdxl, scheduler, negative, size):
 
 def test_what_sdxl_does_not_take_yet_is_refused(sdxl, tmp_path):
     from edge.converters.convert import ConvertError, Options, convert
-    from edge.plan import BudgetError
 
     with pytest.raises(ConvertError, match="--deep-cache with an SDXL model"):
         convert(str(sdxl[0]), tmp_path / "b", options=Options(deep_cache=True), log=lambda s: None)
+    with pytest.raises(ConvertError, match="--target coreml with an SDXL model"):
+        convert(str(sdxl[0]), tmp_path / "b", options=Options(targets=("coreml",)), log=lambda s: None)
     assert not (tmp_path / "b").exists()
-    with pytest.raises(BudgetError, match="not planned for sdxl bundles yet"):
-        Pipeline.load(sdxl[1], memory_budget="4GB")
+
+
+def test_sdxl_under_a_memory_budget_runs_stage_by_stage(sdxl, tmp_path):
+    """Both text encoders are measured and planned as one stage; a budget just under the all-resident plan's peak
+    frees each stage after it runs, and the picture stays the same."""
+    from edge.bundle import read_manifest
+    from edge.converters.convert import Options, convert
+    from edge.plan import HEADROOM
+
+    bundle = tmp_path / "measured"
+    convert(str(sdxl[0]), bundle, options=Options(tiled_vae=False), log=lambda s: None)
+    m = read_manifest(bundle)
+    assert m.components["text_encoder_2"].memory["graphs"][0]["resident"] > 0
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    plain = np.asarray(Pipeline.load(bundle).generate(PROMPT, steps=4, latents=latents).images[0])
+    pipe = Pipeline.load(bundle, memory_budget=10**12, preload=False)
+    everything = pipe.plan  # all resident: what this process would peak at
+    assert everything.resident
+    pipe.memory_budget = int(everything.peak / (1 - HEADROOM)) - 1  # just under it
+    lean = np.asarray(pipe.generate(PROMPT, steps=4, latents=latents).images[0])
+    assert not pipe.plan.resident and "text_encoder_2" not in pipe.sessions
+    # ("extended" graph optimisation under a budget, "all" without: the same picture to rounding)
+    assert psnr(plain.astype(np.float64), lean.astype(np.float64), peak=255.0) >= 40
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
@@ -115,3 +137,14 @@ def test_an_sdxl_lora_on_an_sd1_bundle_is_refused(sdxl, bundles, tmp_path):
     path = write_kohya_lora(sdxl[2], tmp_path / "xl.safetensors")
     with pytest.raises(LoraError, match="xl.safetensors"):
         Pipeline.load(bundles["folder-epsilon"]).generate(PROMPT, steps=2, loras=[(path, 1.0)])
+
+
+def test_textual_inversion_on_sdxl_is_refused_by_name(sdxl, tmp_path):
+    from safetensors.torch import save_file
+
+    from edge.embeddings import EmbeddingError
+
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<sparkle>": torch.randn(2, 32)}, str(path))
+    with pytest.raises(EmbeddingError, match="learned_embeds.safetensors: textual inversion on sdxl bundles"):
+        Pipeline.load(sdxl[1]).load_embedding(path)
