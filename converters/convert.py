@@ -31,6 +31,8 @@ from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, p
 from edge.converters.sources import Source, open_source, stated_config
 from edge.converters.sdxl import conditioning_record, is_xl, unused_weights, xl_specs
 from edge.converters.sdxl import refusal as xl_refusal
+from edge.converters.recommended import recommended
+from edge.converters.recommended import refusal as unet_refusal
 from edge.converters.deep_cache import deep_cache_record, deep_cache_scopes
 from edge.converters.controlnet import PREFIX as CONTROLNET
 from edge.converters.controlnet import control_inputs, load_name, with_controlnets
@@ -154,7 +156,7 @@ def convert(
         t0 = time.perf_counter()
         src = open_source(source, config=config, allow_pickle=allow_pickle)
         log(f"loaded {source} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
-        why = xl_refusal(src.pipe, options) if is_xl(src.pipe) else None
+        why = unet_refusal(src.pipe) or (xl_refusal(src.pipe, options) if is_xl(src.pipe) else None)
         if why:
             raise ConvertError(why)
 
@@ -306,6 +308,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         "bundle_id": hashlib.sha256(hashes.encode()).hexdigest()[:12],
         "family": "sdxl" if xl else "sd2" if te_cfg.hidden_act == "gelu" else "sd1",
         **({"conditioning": conditioning_record(pipe)} if xl else {}),
+        "recommended": recommended(pipe, dict(pipe.scheduler.config)),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         "scheduler": scheduler,
         "latent_channels": pipe.vae.config.latent_channels,

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 FORMAT_VERSION = 2  # 2: attention, quantization, UNet chunks, memory measurements
 MANIFEST = "manifest.json"
+# What `edge generate` and the Python API use where neither the user nor the bundle's `recommended` says otherwise
+GENERATION_DEFAULTS = {"steps": 20, "guidance": 7.5, "scheduler": "euler"}
 # The last two are optional: the VAE decoder cut for tiled decoding (converters/tiled_vae.py). Bundles of
 # the first format-2 converters have a "vae_decoder_tiled" that takes latents and no head.
 # "tiny_vae_decoder" is the optional tiny autoencoder's decoder (TAESD; converters/tiny_vae.py).
@@ -100,6 +102,14 @@ class Manifest:
     # SDXL: how the added conditions ride in the UNet's context (converters/sdxl.py: rows, pooled_dim, time_ids,
     # the second tokenizer's pad, force_zeros_for_empty_prompt); {} for SD 1.x/2.x
     conditioning: dict[str, Any] = field(default_factory=dict)
+    # the model's own steps / guidance / scheduler (few-step models: Turbo, LCM), and why; {} for older bundles
+    recommended: dict[str, Any] = field(default_factory=dict)
+
+    def generation_defaults(self, **given: Any) -> dict[str, Any]:
+        """steps, guidance, scheduler (in that order): those `given` that are not None, else the bundle's
+        recommendation, else GENERATION_DEFAULTS."""
+        return {k: given[k] if given.get(k) is not None else self.recommended.get(k, v)
+                for k, v in GENERATION_DEFAULTS.items()}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -168,6 +178,7 @@ def parse_manifest(d: dict[str, Any], where: str) -> Manifest:
             hashes_every_file="files" in d,
             weight_map=str(d.get("weight_map", "")),
             conditioning=dict(d.get("conditioning", {})),
+            recommended=dict(d.get("recommended", {})),
         )
     except (KeyError, TypeError, IndexError) as e:
         raise BundleError(f"{where}: manifest is missing or has a malformed field: {e}") from None

@@ -95,6 +95,8 @@ def _generate(a: argparse.Namespace) -> int:
                          compute_units=a.compute_units, inference_precision=a.inference_precision)
     for path, token in _embeddings(a):
         pipe.load_embedding(path, token)
+    for key, value in pipe.manifest.generation_defaults().items():  # few-step models: their own steps, guidance
+        setattr(a, key, value if getattr(a, key) is None else getattr(a, key))
     image = None
     if (a.mask is not None or a.expand is not None) and a.image is None:
         raise ValueError("--mask and --expand repaint part of a picture: give it with --image")
@@ -202,6 +204,9 @@ def _info(a: argparse.Namespace) -> int:
     print(f"bundle {a.bundle}  id {m.bundle_id}  format v{m.format_version}")
     print(f"family {m.family}  prediction {m.prediction_type}  default size {m.default_size[1]}x{m.default_size[0]}"
           f"  (multiples of {m.size_multiple})  source {m.source.get('name')} ({m.source.get('kind')})")
+    if m.recommended:
+        r = m.recommended
+        print(f"recommended: {r['steps']} steps, guidance {r['guidance']:g}, {r['scheduler']} ({r.get('why', '')})")
     print(f"{'component':<13}{'precision':>10}{'params':>11}{'size':>11}{'PSNR dB':>9}{'vs fp32':>9}"
           f"{'chunks':>7}  attention")
     for c in m.components.values():
@@ -378,10 +383,11 @@ def _add_generate(sub) -> None:
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--prompt-syntax", default="auto", choices=("auto", "a1111", "compel", "none"),
                    help="prompt weighting: a1111 '(word:1.3)', compel 'word++', none; auto tells them apart")
-    g.add_argument("--steps", type=count_arg("--steps"), default=20, help="denoising steps (>= 1)")
-    g.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=7.5,
-                   help=f"classifier-free guidance scale, {GUIDANCE_RULE}")
-    g.add_argument("--scheduler", default="euler")
+    g.add_argument("--steps", type=count_arg("--steps"), default=None,
+                   help="denoising steps (>= 1; default: the bundle's recommendation, else 20)")
+    g.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=None,
+                   help=f"classifier-free guidance scale, {GUIDANCE_RULE} (default: the bundle's, else 7.5)")
+    g.add_argument("--scheduler", default=None, help="sampler (default: the bundle's recommendation, else euler)")
     g.add_argument("--seed", type=count_arg("--seed", minimum=0), default=0, help="initial noise seed (>= 0)")
     _add_size_arguments(g)
     g.add_argument("--image", type=Path, help="img2img: start from this picture (its size is the output's)")

@@ -25,7 +25,8 @@ class Graphs:
         self.bundle, self.manifest, self._make, self._verify = bundle, manifest, make_session, verify
         self.sessions: dict[str, list[Session]] = {}  # loaded components, graphs in run order
         self.load_seconds: dict[str, float] = {}  # session creation per component, latest load
-        self.timed_calls: list[tuple[str, float, float]] | None = None  # a list logs every run (wall clock)
+        # set to a list to log every run as (name, start, end), wall clock (the UNet: one entry per call)
+        self.timed_calls: list[tuple[str, float, float]] | None = None
         self.run_options = None  # onnxruntime RunOptions every run gets (edge.sessions.run_options)
         self._verified: set[str] = set()
 

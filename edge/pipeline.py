@@ -135,25 +135,27 @@ class Pipeline:
                          base=self._base_rss + self.adapters.extra_bytes(), image=image, decoder=decoder,
                          controlnets=controlnets)
 
-    def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
-                 scheduler: str = "euler", seed: int = 0, height: int | None = None, width: int | None = None,
+    def generate(self, prompt: str, negative_prompt: str = "", steps: int | None = None, guidance: float | None = None,
+                 scheduler: str | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None, callback: Callback | None = None, num_images: int = 1,
                  image: ImageInput | None = None, strength: float = 0.75, resize: bool = False,
                  mask: ImageInput | None = None, mask_blur: int = 0,
                  expand: tuple[int, int, int, int] | None = None, prompt_syntax: str = "auto",
                  decoder: str = "full", cache_interval: int = 1, loras=(), lora_dir: Path | str | None = None,
                  controls=()) -> Result:
-        """Text to image, or with `image` (PIL image or path) img2img: the image encoded, noised to `strength`
+        """Text to image (`steps`, `guidance`, `scheduler` left None: the bundle's recommendation, Manifest.
+        generation_defaults), or with `image` (PIL image or path) img2img: the image encoded, noised to `strength`
         (0 < strength <= 1: the fraction of the steps that run) and denoised from there. `resize` fits an image
         whose size the bundle does not accept to the nearest size it does (else it is refused, naming it).
         With `mask` (white = repaint; `mask_blur` px soft edge) inpainting, and with `expand` (left, top, right,
         bottom pixels) outpainting: only the masked area is redrawn, the rest is pasted back from the input.
-        `prompt_syntax`: "auto", "a1111" (`(word:1.3)`), "compel" (`word++`) or "none" (edge.prompts).
-        `decoder`: "full" (the VAE decoder) or "tiny" (the bundle's tiny autoencoder: faster, less detail).
-        `cache_interval` N > 1: DeepCache, the whole UNet every N steps (bundles converted with --deep-cache).
+        `prompt_syntax`: "auto", "a1111" (`(word:1.3)`), "compel" (`word++`) or "none" (edge.prompts); `decoder`:
+        "full" or "tiny" (the bundle's tiny autoencoder); `cache_interval` N > 1: DeepCache (--deep-cache bundles).
         `loras`: [(LoRA file, scale)] applied for this generation (edge.adapters), with any `<lora:NAME:SCALE>` in
         the prompts (NAME.safetensors in `lora_dir`); only the graphs whose weights change are reloaded.
         `controls`: [edge.stages.control.Control], the bundle's ControlNets with their images, scales, windows."""
+        steps, guidance, scheduler = self.manifest.generation_defaults(
+            steps=steps, guidance=guidance, scheduler=scheduler).values()
         guidance, seed = check_generate(guidance, seed)
         text, negative_text, active = lora_files(self.adapters, loras, prompt, negative_prompt, lora_dir)
         self.use_loras(active)
@@ -270,7 +272,6 @@ class Pipeline:
 
     sessions = property(lambda self: self.graphs.sessions)  # component -> its loaded sessions
     load_seconds = property(lambda self: self.graphs.load_seconds)  # component -> seconds of its latest load
-    # set to a list to log every graph run as (name, start, end), wall clock (the UNet: per call)
     timed_calls = property(lambda self: self.graphs.timed_calls, lambda self, v: setattr(self.graphs, "timed_calls", v))
     _run_options = property(lambda self: self.graphs.run_options, lambda self, v: setattr(self.graphs, "run_options", v))
 
