@@ -28,8 +28,8 @@ from edge.converters.onnx_export import ONE_FILE_LIMIT, OPSET, component_specs, 
 from edge.converters.calibrate import calibrate
 from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
-from edge.converters.sources import Source, open_source, stated_config
-from edge.converters.sdxl import conditioning_record, is_xl, unused_weights, xl_specs
+from edge.converters.sources import Source, open_source, stated_config, text_parts
+from edge.converters.sdxl import conditioning_record, family, is_xl, unused_weights, xl_specs
 from edge.converters.sdxl import refusal as xl_refusal
 from edge.converters.recommended import recommended
 from edge.converters.recommended import refusal as unet_refusal
@@ -58,9 +58,8 @@ MIN_PSNR_VS_FP32 = {"fp16": 40.0, "int8": 30.0, "int4": 25.0}
 QUANTIZED = {"fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "vae_decoder_head",
                       "vae_decoder_tiled"),
              "int8": ("text_encoder", "text_encoder_2", "unet"), "int4": ("text_encoder", "text_encoder_2", "unet")}
-# int8 with static activations calibrates these on their own denoising trajectories (converters/calibrate.py),
-# Conv included. The VAE decoder stays fp32 (see converters/calibrate.py).
-STATIC_INT8 = ("unet",)
+# int8 with static activations calibrates the UNet's Conv activations, and each ControlNet's, on the UNet's own
+# denoising trajectories (converters/calibrate.py). The VAE decoder stays fp32 (see converters/calibrate.py).
 TARGETS = ("onnx", "coreml")
 ATTENTION_KERNELS = ("original", "sliced", "split_einsum", "fused")
 
@@ -120,9 +119,6 @@ class Options:
         tm = self.token_merging
         if tm is not None and (isinstance(tm, bool) or not isinstance(tm, (int, float)) or not 0 < tm <= MAX_RATIO):
             raise ConvertError(f"--token-merging {tm!r}: expected {RATIO_RULE}")
-        if self.controlnets and self.activations == "static":
-            raise ConvertError("--activations static with --controlnet: calibrating the UNet with ControlNet "
-                               "residuals is not built yet; use --precision int8 (dynamic) or fp32/fp16")
         if self.controlnets and (self.deep_cache or "coreml" in self.targets):
             raise ConvertError("--controlnet is built for the ONNX target without --deep-cache so far")
         if tm is not None and "coreml" in self.targets:
@@ -207,6 +203,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     specs += [] if tiny is None else [tiny_vae_spec(tiny[1])]
     specs = specs if "onnx" in options.targets else []  # a Core ML-only bundle: metadata and tokenizer here
     specs, controls = with_controlnets(specs, pipe.unet, options.controlnets, vae_scale)
+    calibrations: dict[str, tuple] = {}  # static int8: per graph, (calibration feeds, held-out feed)
     for spec in specs:
         t = time.perf_counter()
         path = tmp / f"{spec.name}.onnx"
@@ -240,11 +237,13 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         lowered = QUANTIZED.get(options.precision, ())  # a ControlNet is stored as its UNet is
         if spec.name in lowered or (spec.name.startswith(CONTROLNET) and "unet" in lowered):
             calibration, check_feeds = None, feeds
-            if options.activations == "static" and spec.name in STATIC_INT8:
+            if options.activations == "static" and spec.name == "unet":  # the ControlNets' too, on its trajectories
                 t_cal = time.perf_counter()
-                calibration, check_feeds = calibrate(pipe, path, threads=options.threads)
-                log(f"  {spec.name:<12} {len(calibration)} calibration inputs and 1 held-out trajectory "
-                    f"from the fp32 graph's own denoising  {time.perf_counter() - t_cal:.1f}s")
+                calibrations = calibrate(pipe, path, controls=controls, threads=options.threads)
+                log(f"  {spec.name:<12} {len(calibrations['unet'][0])} calibration inputs and 1 held-out "
+                    f"trajectory from the fp32 graph's own denoising  {time.perf_counter() - t_cal:.1f}s")
+            if options.activations == "static" and spec.name in calibrations:
+                calibration, check_feeds = calibrations[spec.name]
             record = _lower_precision(path, check_feeds, options, external_data_over, tmp / ".scratch", log,
                                       calibration)
             files = [tmp / f for f in record["quantization"]["files"]]
@@ -289,7 +288,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             components[name]["memory"] = profile_component(tmp, {"name": name, **components[name]}, latent_hw,
                                                            m, options.threads, log, scale=vae_scale)
 
-    tok_dir = _write_tokenizer(pipe.tokenizer, tmp / "tokenizer", tmp / ".scratch")
+    text_encoder, tokenizer = text_parts(pipe)  # an SDXL refiner has only the second of each
+    tok_dir = _write_tokenizer(tokenizer, tmp / "tokenizer", tmp / ".scratch")
     if weight_map:
         (tmp / WEIGHT_MAP).write_text(json.dumps(weight_map, indent=1) + "\n", encoding="utf-8")
 
@@ -300,13 +300,12 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         raise ConvertError(f"the model's scheduler config cannot be sampled by edge: {e}") from None
 
     hashes = "".join(c["files"][c["file"]] for c in components.values())
-    te_cfg = pipe.text_encoder.config
     sample = pipe.unet.config.sample_size
     sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
     return {
         "format_version": FORMAT_VERSION,
         "bundle_id": hashlib.sha256(hashes.encode()).hexdigest()[:12],
-        "family": "sdxl" if xl else "sd2" if te_cfg.hidden_act == "gelu" else "sd1",
+        "family": family(pipe) if xl else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1",
         **({"conditioning": conditioning_record(pipe)} if xl else {}),
         "recommended": recommended(pipe, dict(pipe.scheduler.config)),
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
@@ -316,8 +315,8 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "size_multiple": size_multiple,
         "default_size": [sample[0] * vae_scale, sample[1] * vae_scale],
-        "text_max_length": int(pipe.tokenizer.model_max_length),
-        "pad_token": str(pipe.tokenizer.pad_token),
+        "text_max_length": int(tokenizer.model_max_length),
+        "pad_token": str(tokenizer.pad_token),
         "tokenizer": {
             "vocab": "tokenizer/vocab.json",
             "merges": "tokenizer/merges.txt",

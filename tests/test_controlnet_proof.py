@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from conftest import REPO, run_edge
 from edge import Pipeline
+from edge.bundle import read_manifest
 from edge.converters.default_model.train_controlnet import centre, mask_image, place
 from edge.eval.scenes import SceneObject
 from edge.eval.scorer import read_scene
@@ -29,13 +32,33 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+@pytest.fixture(scope="module", params=["fp32", "static-int8"])
+def bundle(request, tmp_path_factory):
     """The default model's folder (the weights `edge convert default` converts, without its tiny autoencoder,
-    which this test does not use: half the conversion time) with the shipped ControlNet."""
+    which this test does not use: half the conversion time) with the shipped ControlNet; fp32, and int8 with
+    static activations (the UNet and the ControlNet calibrated on trajectories the ControlNet steers)."""
     out = tmp_path_factory.mktemp("controlnet-proof") / "bundle"
-    run_edge("convert", MODEL, "--controlnet", f"{SHIPPED}:mask", "--no-memory-profile", "--no-tiled-vae", "-o", out)
+    static = ["--precision", "int8", "--activations", "static"] if request.param == "static-int8" else []
+    run_edge("convert", MODEL, "--controlnet", f"{SHIPPED}:mask", "--no-memory-profile", "--no-tiled-vae", *static,
+             "-o", out)
     return out
+
+
+def test_static_int8_calibrates_the_controlnet_too(bundle, tmp_path):
+    components = read_manifest(bundle).components
+    unet, net = (components[n].quantization for n in ("unet", "controlnet_mask"))
+    if components["unet"].precision == "fp32":
+        assert unet == net == {}
+        return
+    options = ort.SessionOptions()  # onnxruntime fuses the ControlNet's calibrated convolutions into QLinearConv
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(bundle / components["controlnet_mask"].file), options, providers=["CPUExecutionProvider"])
+    assert sum(n.op_type == "QLinearConv" for n in onnx.load(options.optimized_model_filepath).graph.node) >= 10
+    assert unet["activations"] == net["activations"] == "static"
+    # 2 prompts x 4 Euler steps; the UNet on each step with the ControlNet's residuals and with zeros
+    assert (unet["calibration_samples"], net["calibration_samples"]) == (16, 8)
+    assert net["psnr_inputs"] == "held-out denoising trajectory" and net["psnr_vs_fp32_db"] >= 35.0
+    assert unet["psnr_vs_fp32_db"] >= 35.0
 
 
 def test_shipped_controlnet_is_small_and_says_how_it_was_trained():
