@@ -4,8 +4,8 @@
 
 For each budget: `edge plan` (the estimate), then `edge generate --memory-budget B` in a fresh process
 whose peak RSS the kernel reports (wait4, as `/usr/bin/time -v` does), and its wall time and per-step
-latency. Any bundle works, so larger families are measured the same way. Writes DIR/budgets.json and
-DIR/budgets.md.
+latency; and, with `none` run first, each budget's picture against the unconstrained one (PSNR). Any bundle works,
+so larger families are measured the same way. Writes DIR/budgets.json and DIR/budgets.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from edge.bundle import read_manifest
 from edge.memprobe import run_measured
+from edge.metrics import psnr
 from edge.plan import parse_bytes
 
 GiB = 2**30
@@ -47,6 +51,10 @@ def run_budget(bundle: Path, budget: str | None, size: int, steps: int, out: Pat
                                           "-o", str(out / f"image-{tag}.png")), stdout=log, stderr=log)
     wall = time.perf_counter() - t
     text = (out / f"generate-{tag}.log").read_text()
+    db = None
+    if budget is not None and status == 0 and (out / "image-none.png").is_file():  # the picture a plan changes
+        db = float(psnr(*(np.asarray(Image.open(out / f"image-{t}.png"), np.float64) for t in ("none", tag)),
+                        peak=255.0))
     timing = re.search(r"unet [0-9.]+s \(([0-9.]+)s/step\).*vae decoder ([0-9.]+)s \| total ([0-9.]+)s", text)
     return {
         "budget": budget, "budget_bytes": None if budget is None else parse_bytes(budget), "status": status,
@@ -55,7 +63,7 @@ def run_budget(bundle: Path, budget: str | None, size: int, steps: int, out: Pat
         "within_budget": None if budget is None else peak <= parse_bytes(budget),
         "wall_s": wall, "unet_s_per_step": float(timing.group(1)) if timing else None,
         "vae_decode_s": float(timing.group(2)) if timing else None,
-        "generate_s": float(timing.group(3)) if timing else None, "plan": plan_text,
+        "generate_s": float(timing.group(3)) if timing else None, "psnr_vs_none_db": db, "plan": plan_text,
     }
 
 
@@ -71,17 +79,18 @@ def markdown(bundle: Path, rows: list[dict], size: int, steps: int) -> str:
     lines = [f"`{bundle.name}`: {unet.precision} UNet, attention {unet.attention.get('kernel', '-')}"
              f"{' (' + str(unet.attention['chunk']) + ')' if unet.attention.get('chunk') else ''}, "
              f"{len(unet.chunks) or 1} UNet chunk(s), {disk / GiB:.2f} GB on disk; {size}x{size}, {steps} steps",
-             "", "| budget | peak RSS (OS) | estimate | error | fits | UNet s/step | VAE s | wall s |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
+             "", "| budget | peak RSS (OS) | estimate | error | fits | UNet s/step | VAE s | wall s | PSNR vs none |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "refused" in r:
-            lines.append(f"| {r['budget']} | refused: {r['refused'].splitlines()[-1]} | | | | | | |")
+            lines.append(f"| {r['budget']} | refused: {r['refused'].splitlines()[-1]} | | | | | | | |")
             continue
         est = "-" if r["estimate_bytes"] is None else f"{r['estimate_bytes'] / GiB:.2f} GB"
         err = "-" if r["estimate_error"] is None else f"{100 * r['estimate_error']:+.0f}%"
         fits = "-" if r["within_budget"] is None else ("yes" if r["within_budget"] else "**no**")
         lines.append(f"| {r['budget'] or 'none'} | {r['peak_rss_bytes'] / GiB:.2f} GB | {est} | {err} | {fits} | "
-                     f"{r['unet_s_per_step']} | {r['vae_decode_s']} | {r['wall_s']:.0f} |")
+                     f"{r['unet_s_per_step']} | {r['vae_decode_s']} | {r['wall_s']:.0f} | "
+                     f"{'-' if r.get('psnr_vs_none_db') is None else format(r['psnr_vs_none_db'], '.1f') + ' dB'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,10 +2,12 @@
 
 `converters/assets/configs/<arch>/` holds each architecture's published diffusers configs (model_index.json,
 unet/, vae/, text_encoder/, scheduler/, tokenizer/) and no weights: a valid `config=` folder for diffusers'
-`from_single_file`, and the recipe `build_random` follows. Random weights give every figure a benchmark
+`from_single_file`, and the recipe `build_random` follows (SDXL's folders: text_encoder_2/ too, and the
+tokenizers are SD 1.5's files, the second padding with "!"). Random weights give every figure a benchmark
 needs (size, latency, memory) but no picture: they stand in when no trained weights are at hand.
 
     python -m edge.converters.arch sd15 --save DIR     # a diffusers folder with random weights, fp32
+    python -m edge.converters.arch sdxl --save DIR     # 13.9 GB; `edge convert` exports its UNet in pieces
 
 torch and diffusers are imported where a model is built, so the names and configs can be checked by
 torch-free code (`edge bench --arch` validates its argument without loading torch into the process
@@ -28,11 +30,10 @@ ARCHS = {  # name -> what it is
     "sd15": "Stable Diffusion 1.5: CLIP ViT-L text encoder, 512x512, epsilon prediction",
     "sd21": "Stable Diffusion 2.1 (768-v): OpenCLIP ViT-H text encoder, 768x768, v-prediction",
     "sd21-base": "Stable Diffusion 2.1-base: OpenCLIP ViT-H text encoder, 512x512, epsilon prediction",
+    "sdxl": "SDXL base 1.0: CLIP ViT-L + OpenCLIP ViT-bigG text encoders, 1024x1024, size conditioning",
+    "sdxl-refiner": "SDXL refiner 1.0: OpenCLIP ViT-bigG text encoder, aesthetic-score conditioning",
 }
-NOT_YET = {
-    "sdxl": "SDXL is not supported yet: it has two text encoders and size/crop conditioning ('text_time' "
-            "embeddings), which the edge bundle format and runtime do not carry yet",
-}
+NOT_YET: dict[str, str] = {}
 SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")  # what the config folders name
 
 
@@ -45,7 +46,8 @@ def check_arch(arch: str) -> str:
     if arch in NOT_YET:
         raise ArchError(f"arch {arch!r}: {NOT_YET[arch]}; available: {', '.join(ARCHS)}")
     if arch not in ARCHS:
-        raise ArchError(f"unknown arch {arch!r}; available: {', '.join(ARCHS)} (not yet: {', '.join(NOT_YET)})")
+        later = f" (not yet: {', '.join(NOT_YET)})" if NOT_YET else ""
+        raise ArchError(f"unknown arch {arch!r}; available: {', '.join(ARCHS)}{later}")
     return arch
 
 
@@ -65,6 +67,8 @@ def build_random(arch: str, seed: int = 0, *, device: str = "cpu") -> StableDiff
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = config_dir(arch)
+    if arch.startswith("sdxl"):
+        return _build_xl(folder, seed, device)
     with torch.random.fork_rng(devices=[]), torch.device(device):  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(_read(folder / "unet" / "config.json"))
@@ -82,6 +86,34 @@ def build_random(arch: str, seed: int = 0, *, device: str = "cpu") -> StableDiff
     )
 
 
+def _build_xl(folder: Path, seed: int, device: str):
+    """SDXL base (two text encoders) or refiner (the second only), as its model_index.json says; the tokenizers are
+    CLIP's (SD 1.5's files), the second padding with "!" as SDXL's does."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = _read(folder / "model_index.json")
+    refiner = index["text_encoder"][0] is None
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        parts = {"unet": UNet2DConditionModel.from_config(_read(folder / "unet" / "config.json")).eval(),
+                 "vae": AutoencoderKL.from_config(_read(folder / "vae" / "config.json")).eval(),
+                 "text_encoder_2": CLIPTextModelWithProjection(
+                     CLIPTextConfig.from_pretrained(folder / "text_encoder_2")).eval()}
+        if not refiner:
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")).eval()
+    vocab = CONFIGS / "sd15" / "tokenizer"
+    tokenizers = {"tokenizer_2": CLIPTokenizer.from_pretrained(vocab, pad_token="!")}
+    if not refiner:
+        tokenizers["tokenizer"] = CLIPTokenizer.from_pretrained(vocab)
+    flags = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+    cls = getattr(diffusers, index["_class_name"])
+    empty = {} if not refiner else {"text_encoder": None, "tokenizer": None}
+    return cls(**parts, **tokenizers, **empty, scheduler=_scheduler(folder), **flags)
+
+
 def save_random(arch: str, out: Path, seed: int = 0) -> Path:
     """`build_random` written as a diffusers folder (safetensors, sharded so saving does not double memory)."""
     pipe = build_random(arch, seed)
@@ -91,7 +123,7 @@ def save_random(arch: str, out: Path, seed: int = 0) -> Path:
 
 def parameter_counts(pipe: StableDiffusionPipeline) -> dict[str, int]:
     return {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-            for name in ("unet", "text_encoder", "vae")}
+            for name in ("unet", "text_encoder", "text_encoder_2", "vae") if getattr(pipe, name, None) is not None}
 
 
 def _scheduler(folder: Path):

@@ -29,7 +29,8 @@ from edge.converters.calibrate import calibrate
 from edge.converters.preview_fit import fit_preview
 from edge.converters.quantize import ACTIVATIONS, PRECISIONS, mixed_precision, psnr_parity
 from edge.converters.sources import Source, open_source, stated_config, text_parts
-from edge.converters.sdxl import conditioning_record, family, is_xl, unused_weights, xl_specs
+from edge.converters.sdxl import added_widths, conditioning_record, family, is_xl, unused_weights, xl_specs
+from edge.converters.pieces import PIECE, merge_pieces, piece_specs
 from edge.converters.sdxl import refusal as xl_refusal
 from edge.converters.recommended import recommended
 from edge.converters.recommended import refusal as unet_refusal
@@ -61,6 +62,9 @@ QUANTIZED = {"fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "
 # int8 with static activations calibrates the UNet's Conv activations, and each ControlNet's, on the UNet's own
 # denoising trajectories (converters/calibrate.py). The VAE decoder stays fp32 (see converters/calibrate.py).
 TARGETS = ("onnx", "coreml")
+# a UNet whose fp32 weights exceed this is exported in pieces of PIECE_MB (SDXL's 10.3 GB: the exporter holds about
+# three copies of what it exports, more than a 24 GB machine has)
+PIECES_OVER, PIECE_MB = 6e9, 1500.0
 ATTENTION_KERNELS = ("original", "sliced", "split_einsum", "fused")
 
 
@@ -86,6 +90,9 @@ class Options:
     token_merging: float | None = None  # ToMe ratio in (0, 0.75]: merge tokens before highest-resolution attn1
     loras: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale) fused into the weights before export
     controlnets: tuple[str, ...] = ()  # ControlNet folders / files (`SOURCE:NAME`): a graph each, the UNet takes them
+    # export the UNet in pieces of at most this many MB of fp32 weights, each its own graph and chunk
+    # (converters/pieces.py); None: whole, unless its fp32 weights exceed PIECES_OVER
+    unet_pieces_mb: float | None = None
 
     def __post_init__(self) -> None:
         if not self.targets or any(t not in TARGETS for t in self.targets):
@@ -121,6 +128,14 @@ class Options:
             raise ConvertError(f"--token-merging {tm!r}: expected {RATIO_RULE}")
         if self.controlnets and (self.deep_cache or "coreml" in self.targets):
             raise ConvertError("--controlnet is built for the ONNX target without --deep-cache so far")
+        pieces = self.unet_pieces_mb
+        if pieces is not None and (isinstance(pieces, bool) or not isinstance(pieces, (int, float)) or pieces <= 0):
+            raise ConvertError(f"--unet-pieces-mb {pieces!r}: expected a positive size in MB")
+        if pieces is not None and (self.split_unet or self.max_chunk_mb or self.deep_cache or tm is not None or
+                                   self.controlnets or self.activations == "static" or "coreml" in self.targets):
+            raise ConvertError("--unet-pieces-mb exports the UNet as its own chunks; --split-unet, --max-chunk-mb, "
+                               "--deep-cache, --token-merging, --controlnet, --activations static and --target coreml "
+                               "are not built for a UNet exported in pieces yet")
         if tm is not None and "coreml" in self.targets:
             raise ConvertError("--token-merging is made into the ONNX UNet; the Core ML target does not take it")
 
@@ -203,6 +218,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
     specs += [] if tiny is None else [tiny_vae_spec(tiny[1])]
     specs = specs if "onnx" in options.targets else []  # a Core ML-only bundle: metadata and tokenizer here
     specs, controls = with_controlnets(specs, pipe.unet, options.controlnets, vae_scale)
+    specs, unet_spec = _in_pieces(specs, pipe, options, [export_hw, parity_hw], xl, log)
     calibrations: dict[str, tuple] = {}  # static int8: per graph, (calibration feeds, held-out feed)
     for spec in specs:
         t = time.perf_counter()
@@ -233,9 +249,11 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         matched = match_weights(getattr(pipe, spec.name), files[0]) if spec.name in LORA_COMPONENTS else None
         if spec.name == "unet" and "coreml" not in options.targets:
             pipe.unet.to("meta")  # exported and checked: free its weights (3.4 GB for SD 1.5) before quantizing
+        if spec.name.startswith(PIECE):
+            spec.module.to("meta")  # this piece's weights: the next piece is exported without them
         record: dict[str, Any] = {"precision": "fp32", "quantization": {}}
-        lowered = QUANTIZED.get(options.precision, ())  # a ControlNet is stored as its UNet is
-        if spec.name in lowered or (spec.name.startswith(CONTROLNET) and "unet" in lowered):
+        lowered = QUANTIZED.get(options.precision, ())  # a ControlNet, a UNet piece, is stored as its UNet is
+        if spec.name in lowered or (spec.name.startswith((CONTROLNET, PIECE)) and "unet" in lowered):
             calibration, check_feeds = None, feeds
             if options.activations == "static" and spec.name == "unet":  # the ControlNets' too, on its trajectories
                 t_cal = time.perf_counter()
@@ -281,6 +299,7 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
             + (f"  {record['precision']} {extra:.1f} dB vs fp32" if extra is not None else "")
             + (f"  {len(chunks)} chunks" if chunks else "") + f"  {time.perf_counter() - t:.1f}s")
 
+    components = merge_pieces(components, unet_spec) if unet_spec is not None else components
     if options.profile_memory and components:
         sample = pipe.unet.config.sample_size
         latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
@@ -366,7 +385,7 @@ def _attention_model(pipe, spec):
     """The diffusers model whose attention layers a component's graph contains (the VAE has one mid-block
     attention), or None (the text encoder's causal CLIP attention is transformers', and short)."""
     name = spec.name
-    if name == "unet":
+    if name == "unet" or name.startswith(PIECE):
         return pipe.unet
     if name.startswith(CONTROLNET):
         return spec.module.controlnet
@@ -379,6 +398,21 @@ def _attention_layers(model):
     from diffusers.models.attention_processor import Attention
 
     return (m for m in model.modules() if isinstance(m, Attention))
+
+
+def _in_pieces(specs: list, pipe, options: Options, sizes: list[tuple[int, int]], xl: bool,
+               log: Callable[[str], None]) -> tuple[list, Any]:
+    """The specs with the UNet's replaced by its pieces, exported first (so that each piece's weights are freed
+    before the text encoders are exported), and the whole UNet's spec; or the specs as given and None."""
+    whole = 4 * sum(p.numel() for p in pipe.unet.parameters())
+    mb = options.unet_pieces_mb if options.unet_pieces_mb is not None else (
+        PIECE_MB if whole > PIECES_OVER and not (options.split_unet or options.max_chunk_mb) else None)
+    unet = next((s for s in specs if s.name == "unet"), None)
+    if mb is None or unet is None:
+        return specs, None
+    pieces = piece_specs(unet, pipe.unet, added_widths(pipe) if xl else None, int(mb * 1e6), sizes)
+    log(f"  unet         {whole / 1e9:.1f} GB of fp32 weights: exported in {len(pieces)} pieces of <= {mb:g} MB")
+    return pieces + [s for s in specs if s.name != "unet"], unet
 
 
 def _lower_precision(path: Path, feeds: dict, options: Options, external_data_over: int, scratch: Path,

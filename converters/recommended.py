@@ -26,7 +26,8 @@ def recommended(pipe, scheduler: dict[str, Any]) -> dict[str, Any]:
         return {"steps": 1, "guidance": 0.0, "scheduler": EULER[cls],
                 "why": f"a Turbo model: {cls} with trailing timesteps"}
     if is_xl(pipe):
-        return {**GENERATION_DEFAULTS, "steps": 30, "guidance": 5.0, "why": "SDXL base"}
+        return {**GENERATION_DEFAULTS, "steps": 30, "guidance": 5.0,
+                "why": "SDXL refiner" if pipe.text_encoder is None else "SDXL base"}
     return {**GENERATION_DEFAULTS, "why": "edge's defaults"}
 
 

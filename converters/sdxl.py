@@ -5,6 +5,9 @@ So that every stage of the runtime that passes the text conditioning along (guid
 chunks) carries the added conditions unchanged, they ride in the UNet's `encoder_hidden_states` as its last
 CONDITION_ROWS rows: row -2 the pooled embedding, row -1 the time ids, each zero-padded to the context width.
 The UNet graph slices them off before the first block (`XLUNet`); `edge.stages.text_xl` writes them.
+
+The refiner is the same with the second text encoder only (its states are the whole text part) and time ids that
+end in an aesthetic score; the bundle's family is `sdxl-refiner` (edge.refiner hands it the base's latents).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from edge.converters.onnx_export import Spec, _some_masked, component_specs
 
 CONDITION_ROWS = 2  # pooled text embedding, time ids
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' StableDiffusionXLImg2ImgPipeline defaults
 
 
 def is_xl(pipe) -> bool:
@@ -60,6 +64,15 @@ class XLUNet(torch.nn.Module):
         return self.unet(sample, timestep, text, added_cond_kwargs=added, return_dict=False)[0]
 
 
+def is_refiner(pipe) -> bool:
+    """SDXL's refiner: the second text encoder only, its states the whole context; aesthetic-score time ids."""
+    return is_xl(pipe) and getattr(pipe, "text_encoder", None) is None
+
+
+def family(pipe) -> str:
+    return "sdxl-refiner" if is_refiner(pipe) else "sdxl"
+
+
 def added_widths(pipe) -> tuple[int, int]:
     """(pooled embedding width, number of time ids): 6 ids for a base model (original size, crop, target size),
     5 for a refiner (with the aesthetic score); the UNet's added-embedding input is pooled + ids x time width."""
@@ -72,13 +85,16 @@ def added_widths(pipe) -> tuple[int, int]:
 
 
 def xl_specs(pipe) -> list[Spec]:
-    """The graphs of an SDXL bundle: text_encoder, text_encoder_2, unet, and the VAE's (as SD's)."""
-    te1, te2, unet_cfg = pipe.text_encoder.config, pipe.text_encoder_2.config, pipe.unet.config
-    seq, context = te1.max_position_embeddings, unet_cfg.cross_attention_dim
+    """The graphs of an SDXL bundle: text_encoder (not in a refiner), text_encoder_2, unet, and the VAE's (as SD's)."""
+    refiner = is_refiner(pipe)
+    te2, unet_cfg = pipe.text_encoder_2.config, pipe.unet.config
+    te1 = te2 if refiner else pipe.text_encoder.config
+    seq, context = te2.max_position_embeddings, unet_cfg.cross_attention_dim
     pooled, ids = added_widths(pipe)
-    if te1.hidden_size + te2.hidden_size != context or pooled > context or ids > context:
-        raise ValueError(f"SDXL text encoders of widths {te1.hidden_size} + {te2.hidden_size} and pooled width "
-                         f"{pooled}; expected them to sum to / fit in the UNet's cross-attention width {context}")
+    widths = [te2.hidden_size] if refiner else [te1.hidden_size, te2.hidden_size]
+    if sum(widths) != context or pooled > context or ids > context:
+        raise ValueError(f"SDXL text encoders of widths {' + '.join(map(str, widths))} and pooled width {pooled}; "
+                         f"expected them to sum to / fit in the UNet's cross-attention width {context}")
 
     def f32(name, shape):
         return {"name": name, "dtype": "float32", "shape": shape}
@@ -96,10 +112,11 @@ def xl_specs(pipe) -> list[Spec]:
         cond[:, -1, :ids] = torch.tensor([64.0, 64.0, 0.0, 0.0, 64.0, 64.0][:ids])  # sizes, as the runtime writes
         return torch.randn(2, unet_cfg.in_channels, h, w, generator=g), torch.rand(2, generator=g) * 999, cond
 
-    sd = {s.name: s for s in component_specs(pipe)}
-    return [
+    sd = {s.name: s for s in component_specs(_with_text_encoder(pipe) if refiner else pipe)}
+    first = [] if refiner else [
         Spec("text_encoder", PenultimateTextEncoder(pipe.text_encoder), token_inputs(),
-             [f32("hidden_states", ["batch", seq, te1.hidden_size])], tokens(te1.vocab_size)),
+             [f32("hidden_states", ["batch", seq, te1.hidden_size])], tokens(te1.vocab_size))]
+    return first + [
         Spec("text_encoder_2", PooledTextEncoder(pipe.text_encoder_2), token_inputs(),
              [f32("hidden_states", ["batch", seq, te2.hidden_size]), f32("text_embeds", ["batch", pooled])],
              tokens(te2.vocab_size)),
@@ -108,10 +125,19 @@ def xl_specs(pipe) -> list[Spec]:
     ]
 
 
+def _with_text_encoder(pipe):
+    """The refiner as SD's component_specs reads it (its UNet's and VAE's specs; the text encoder's is not kept)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(text_encoder=pipe.text_encoder_2, unet=pipe.unet, vae=pipe.vae)
+
+
 def unused_weights(pipe) -> dict[str, dict[str, dict]]:
     """Weights the graphs leave out because SDXL never reads them: the first text encoder's last layer (it
     conditions on the penultimate one). weights.json marks them `unused`, so that a LoRA touching them is applied
     as diffusers applies it (to no effect) instead of being reported as not matching the model."""
+    if is_refiner(pipe):
+        return {}
     last = pipe.text_encoder.config.num_hidden_layers - 1
     prefix = f"encoder.layers.{last}."
     names = [n + ".weight" for n, m in pipe.text_encoder.named_modules()  # transformers 5 has no text_model.
@@ -122,8 +148,11 @@ def unused_weights(pipe) -> dict[str, dict[str, dict]]:
 def conditioning_record(pipe) -> dict:
     """What the runtime needs to write the added conditions (the manifest's `conditioning`)."""
     pooled, ids = added_widths(pipe)
+    scores = {"aesthetic_score": AESTHETIC_SCORE, "negative_aesthetic_score": NEGATIVE_AESTHETIC_SCORE}
     return {
         "kind": "sdxl",
+        "encoders": ["text_encoder_2"] if is_refiner(pipe) else ["text_encoder", "text_encoder_2"],
+        **(scores if ids == 5 else {}),  # the refiner's time ids end in one: 6 for the prompt, 2.5 for the negative
         "rows": CONDITION_ROWS,
         "pooled_dim": pooled,
         "time_ids": ids,
@@ -143,9 +172,7 @@ UNSUPPORTED = {  # Options fields an SDXL conversion refuses so far, and why
 
 def refusal(pipe, options) -> str | None:
     """Why this SDXL pipeline cannot be converted with these options (edge.converters.convert.Options), or None."""
-    if pipe.text_encoder is None:
-        return "an SDXL refiner (one text encoder, aesthetic-score conditioning) is not built yet; convert the base"
-    if pipe.tokenizer.get_vocab() != pipe.tokenizer_2.get_vocab():
+    if not is_refiner(pipe) and pipe.tokenizer.get_vocab() != pipe.tokenizer_2.get_vocab():
         return "the SDXL model's two tokenizers have different vocabularies; edge expects CLIP's for both"
     for field, why in UNSUPPORTED.items():
         if getattr(options, field):

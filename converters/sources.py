@@ -84,7 +84,7 @@ def _builtin(name: str):
 
 
 def _pipeline_class(where: str):
-    """StableDiffusionXLPipeline for a folder whose model_index.json names it, else StableDiffusionPipeline."""
+    """The SDXL pipeline class a folder's model_index.json names (base or refiner), else StableDiffusionPipeline."""
     import diffusers
 
     index = Path(where) / "model_index.json"
@@ -92,7 +92,8 @@ def _pipeline_class(where: str):
         name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError):
         name = ""
-    return diffusers.StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else diffusers.StableDiffusionPipeline
+    xl = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")  # SDXL base, and its refiner
+    return getattr(diffusers, name) if name in xl else diffusers.StableDiffusionPipeline
 
 
 def _from_pretrained(where: str, **kwargs: Any):
@@ -159,13 +160,22 @@ def _check_safetensors(path: Path) -> None:
             )
 
 
+def text_parts(pipe) -> tuple[Any, Any]:
+    """(text encoder, tokenizer): the first of the model's, or its second where it has only that (SDXL's refiner)."""
+    if getattr(pipe, "text_encoder", None) is None and getattr(pipe, "text_encoder_2", None) is not None:
+        return pipe.text_encoder_2, getattr(pipe, "tokenizer_2", None)
+    return getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
+
+
 def _check_pipe(pipe, where: str):
-    for part in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
-        if getattr(pipe, part, None) is None:
+    text_encoder, tokenizer = text_parts(pipe)
+    for part, module in (("text_encoder", text_encoder), ("tokenizer", tokenizer), *(
+            (p, getattr(pipe, p, None)) for p in ("unet", "vae", "scheduler"))):
+        if module is None:
             raise SourceError(f"{where}: the model has no {part}")
-    vocab = pipe.text_encoder.config.vocab_size
-    if len(pipe.tokenizer) != vocab:  # e.g. a config folder without tokenizer/ gives a 2-token stand-in
-        raise SourceError(f"{where}: the tokenizer has {len(pipe.tokenizer)} tokens but the text encoder "
+    vocab = text_encoder.config.vocab_size
+    if len(tokenizer) != vocab:  # e.g. a config folder without tokenizer/ gives a 2-token stand-in
+        raise SourceError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the text encoder "
                           f"expects {vocab}; is the tokenizer/ folder missing or from another model?")
     for module in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet, pipe.vae):
         if module is not None:

@@ -181,3 +181,29 @@ def tiny_sdxl_pipeline(seed: int = 0):
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
         tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"), unet=unet.eval(),
         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), force_zeros_for_empty_prompt=True)
+
+
+def tiny_sdxl_refiner_pipeline(seed: int = 0):
+    """A random SDXL refiner: the second text encoder only (its penultimate states are the whole context), a UNet
+    whose added conditions are the pooled embedding and 5 time ids (sizes, crop, aesthetic score), as SDXL's
+    refiner-1.0 has; the base's scheduler and VAE scaling."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 5 * 8)
+        vae = _vae()
+        vae.register_to_config(scaling_factor=0.13025)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=49408,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=32))
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=vae.eval(), text_encoder=None, text_encoder_2=text_encoder_2.eval(), tokenizer=None,
+        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"), unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False)

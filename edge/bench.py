@@ -159,6 +159,9 @@ def _check_args(bundle, arch, random_weights, steps, repeat, threads, height, wi
         from edge.converters.arch import check_arch  # torch-free: names and config folders only
 
         check_arch(arch)
+        if arch.startswith("sdxl"):
+            raise ValueError(f"edge bench --arch {arch}: the peers are not built for SDXL yet; build it with `python "
+                             f"-m edge.converters.arch {arch} --save DIR`, `edge convert DIR`, then bench the bundle")
         if not random_weights:
             raise ValueError(f"--arch {arch} needs --random-weights: no trained weights are at hand here "
                              "(to bench real weights, `edge convert` them and pass the bundle)")

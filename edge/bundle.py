@@ -75,7 +75,8 @@ class Chunk:
 class Manifest:
     format_version: int
     bundle_id: str  # short hash of all component hashes
-    family: str  # "sd1" (CLIP text encoder), "sd2" (OpenCLIP, by its activation) or "sdxl" (two text encoders)
+    family: str  # "sd1" (CLIP text encoder), "sd2" (OpenCLIP, by its activation), "sdxl" (two text encoders) or
+    # "sdxl-refiner" (the second only; edge.refiner)
     prediction_type: str  # "epsilon" or "v_prediction"
     # The keys the source model's scheduler_config.json states (older bundles: the source class's whole config,
     # defaults included); every sampler fills in what is absent with its diffusers class's default.

@@ -53,7 +53,8 @@ def _convert(a: argparse.Namespace) -> int:
                       max_chunk_mb=a.max_chunk_mb, profile_memory=not a.no_memory_profile, threads=a.threads,
                       tiled_vae=not a.no_tiled_vae, targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
                       coreml=_coreml_options(a), tiny_vae=a.tiny_vae, deep_cache=a.deep_cache,
-                      token_merging=a.token_merging, loras=tuple(a.lora), controlnets=tuple(a.controlnet))
+                      token_merging=a.token_merging, loras=tuple(a.lora), controlnets=tuple(a.controlnet),
+                      unet_pieces_mb=a.unet_pieces_mb)
     convert(a.source, a.output, config=a.config, allow_pickle=a.allow_pickle, overwrite=a.overwrite,
             options=options, score=a.score)
     print(f"peak memory {format_bytes(peak_rss_bytes())}")
@@ -89,8 +90,9 @@ def _embeddings(a: argparse.Namespace) -> list[tuple[Path, str | None]]:
 def _generate(a: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
     from edge.stages.control import parse_control
-    from edge.png import save_image
 
+    if a.refiner is not None:
+        return _generate_refined(a)
     pipe = Pipeline.load(a.bundle, threads=a.threads, memory_budget=a.memory_budget, backend=a.backend,
                          compute_units=a.compute_units, inference_precision=a.inference_precision)
     for path, token in _embeddings(a):
@@ -123,16 +125,46 @@ def _generate(a: argparse.Namespace) -> int:
         cache_interval=a.cache_interval, loras=a.lora, lora_dir=a.lora_dir,
         controls=[parse_control(c, pipe.manifest, a.control_start, a.control_end) for c in a.control],
     )
+    return _write_result(a, result, sum(pipe.load_seconds.values()))
+
+
+def _write_result(a: argparse.Namespace, result, load_seconds: float) -> int:
+    from edge.png import save_image
+
     out = Path(a.output)
     for k, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{k}{out.suffix}")
         save_image(image, path, {**result.params, "index": k}, quality=a.quality)
         print(f"wrote {path}")
     t = result.timings
-    print(f"load {sum(pipe.load_seconds.values()):.2f}s | text encoder {t['text_encoder']:.2f}s | "
+    print(f"load {load_seconds:.2f}s | text encoder {t['text_encoder']:.2f}s | "
           f"unet {t['unet']:.2f}s ({t['unet_per_step']:.3f}s/step) | vae decoder {t['vae_decoder']:.2f}s | "
           f"total {t['total']:.2f}s | peak memory {format_bytes(peak_rss_bytes())}")
     return 0
+
+
+# what --refiner does not take yet: text-to-image with the base's prompts, sizes, sampler, seed and LoRAs
+NOT_WITH_REFINER = ("image", "mask", "expand", "control", "embedding", "embeddings_dir", "preview_every")
+
+
+def _generate_refined(a: argparse.Namespace) -> int:
+    """--refiner: the base's text-to-image finished by an SDXL refiner bundle (edge.refiner). Under a budget the two
+    are loaded lazily and never resident together."""
+    from edge.pipeline import Pipeline
+    from edge.refiner import generate_refined
+
+    given = [f for f in NOT_WITH_REFINER if getattr(a, f)] + ([] if a.backend == "onnx" else ["backend"])
+    if given or a.cache_interval != 1 or a.decoder != "full":
+        flag = "--" + (given[0] if given else "cache_interval" if a.cache_interval != 1 else "decoder")
+        raise ValueError(f"--refiner finishes a text-to-image generation; {flag.replace('_', '-')} is not taken with "
+                         "it yet")
+    pipes = [Pipeline.load(b, threads=a.threads, memory_budget=a.memory_budget, preload=a.memory_budget is None)
+             for b in (a.bundle, a.refiner)]
+    result = generate_refined(*pipes, a.prompt, a.negative_prompt, high_noise_frac=a.high_noise_frac, steps=a.steps,
+                              guidance=a.guidance, scheduler=a.scheduler, seed=a.seed, height=a.height,
+                              width=a.width, num_images=a.num_images, prompt_syntax=a.prompt_syntax,
+                              loras=a.lora, lora_dir=a.lora_dir, callback=_progress_bar())
+    return _write_result(a, result, sum(sum(p.load_seconds.values()) for p in pipes))
 
 
 def _size(pipe, a: argparse.Namespace) -> tuple[int, int]:
@@ -390,6 +422,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--scheduler", default=None, help="sampler (default: the bundle's recommendation, else euler)")
     g.add_argument("--seed", type=count_arg("--seed", minimum=0), default=0, help="initial noise seed (>= 0)")
     _add_size_arguments(g)
+    g.add_argument("--refiner", type=Path, metavar="BUNDLE", help="SDXL: finish with this refiner bundle (the base "
+                   "denoises to --high-noise-frac, the refiner the rest)")
+    g.add_argument("--high-noise-frac", type=float, default=0.8, metavar="F",
+                   help="with --refiner: the fraction of the noise the base removes (0 < F < 1; default 0.8)")
     g.add_argument("--image", type=Path, help="img2img: start from this picture (its size is the output's)")
     g.add_argument("--strength", type=number_arg("--strength", above=0.0, maximum=1.0), default=0.75,
                    help="img2img: how much of the picture is redrawn, 0 < s <= 1 (the last s of the steps run)")
@@ -475,6 +511,9 @@ def _add_convert(sub) -> None:
                    help="cut the UNet into N chunks (>= 1)")
     c.add_argument("--max-chunk-mb", type=number_arg("--max-chunk-mb", above=0.0), metavar="M",
                    help="or: the fewest chunks of at most M MB (a finite number > 0)")
+    c.add_argument("--unet-pieces-mb", type=number_arg("--unet-pieces-mb", above=0.0), metavar="M",
+                   help="export the UNet in pieces of at most M MB of fp32 weights, each its own chunk (default: "
+                        "pieces of 1500 MB for a UNet over 6 GB, SDXL's, else whole)")
     c.add_argument("--no-memory-profile", action="store_true", help="skip measuring the graphs' memory "
                    "(the bundle then cannot be planned for a budget)")
     c.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime threads for the memory measurements "

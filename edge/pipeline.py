@@ -35,7 +35,7 @@ from edge.stages.text import encode_text
 from edge.tokenizer import ClipTokenizer
 from edge.validate import check_cache_interval, check_decoder, check_generate, whole_number
 
-STAGES = ("text_encoder", "unet", "vae_decoder")
+STAGES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # loaded first; those the bundle has
 
 Callback = Callable[[int, int, np.ndarray], None]  # (step index, total steps, latents)
 
@@ -120,7 +120,7 @@ class Pipeline:
             setattr(pipe, name, value)
         pipe.plan = pipe.plan_for(*manifest.default_size)
         if pipe.plan.resident and preload:
-            for name in STAGES:
+            for name in (n for n in STAGES if n in manifest.components):
                 pipe.graphs.open(name)
         return pipe
 

@@ -134,10 +134,10 @@ class _Graphs:
 def _text_encoders(manifest: Manifest) -> _Graphs:
     """The text stage as one graph: SDXL's two encoders are loaded one after the other and both held while the
     prompts are encoded (edge.stages.text_xl), so they add up; the larger activation runs on top of both."""
-    first = _Graphs.of(manifest.components["text_encoder"])
-    if "text_encoder_2" not in manifest.components:
-        return first
-    second = _Graphs.of(manifest.components["text_encoder_2"])
+    encoders = [manifest.components[n] for n in ("text_encoder", "text_encoder_2") if n in manifest.components]
+    if len(encoders) == 1:  # SD's, or the SDXL refiner's (its second only)
+        return _Graphs.of(encoders[0])
+    first, second = (_Graphs.of(c) for c in encoders)
     acts = (first.activation[0], second.activation[0])
     act = max(acts, key=lambda fit: activation_bytes(fit, 1, 1))
     return _Graphs((max(first.load_peak[0], first.resident[0] + second.load_peak[0]),),

@@ -175,8 +175,8 @@ def test_optimum_peer_when_its_environment_exists(bundles, tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["/no/such/bundle"], "bundle not found"),
     (["BUNDLE", "--steps", "0"], "steps must be a whole number >= 1, got 0"),
-    (["--arch", "sd99", "--random-weights"], "unknown arch 'sd99'; available: sd15, sd21, sd21-base"),
-    (["--arch", "sdxl", "--random-weights"], "not supported yet"),
+    (["--arch", "sd99", "--random-weights"], "unknown arch 'sd99'; available: sd15, sd21, sd21-base, sdxl"),
+    (["--arch", "sdxl", "--random-weights"], "the peers are not built for SDXL yet"),
     (["--arch", "sd15"], "needs --random-weights"),
     (["BUNDLE", "--peers", "onnx"],
      "unknown peer(s) onnx; known: diffusers, optimum, openvino, openvino-f32, diffusers-int8, optimum-int8, openvino-int8"),
@@ -236,6 +236,8 @@ def test_size_and_statistics_helpers():
 @pytest.mark.parametrize("arch, counts", [
     ("sd15", {"unet": 859.52e6, "text_encoder": 123.06e6, "vae": 83.65e6}),
     ("sd21", {"unet": 865.91e6, "text_encoder": 340.39e6, "vae": 83.65e6}),
+    ("sdxl", {"unet": 2567.46e6, "text_encoder": 123.06e6, "text_encoder_2": 694.66e6, "vae": 83.65e6}),
+    ("sdxl-refiner", {"unet": 2259.53e6, "text_encoder_2": 694.66e6, "vae": 83.65e6}),
 ])
 def test_build_random_has_the_published_parameter_counts(arch, counts):
     from edge.converters.arch import build_random, parameter_counts

@@ -5,6 +5,9 @@ encoder: compel weights SDXL's two encoders the same way), then the added condit
 (converters/sdxl.py): the second encoder's pooled embedding of the prompt, and the time ids (original size, crop
 top-left, target size; diffusers' defaults: the generation's size, no crop). Without a negative prompt, SDXL
 bundles whose model says `force_zeros_for_empty_prompt` condition the unguided half on zeros, as diffusers does.
+
+The refiner has the second encoder only: its states are the whole text part, and its time ids end in an aesthetic
+score instead of the target size (the manifest's: 6 for the prompt, 2.5 for the negative, diffusers' defaults).
 """
 
 from __future__ import annotations
@@ -48,13 +51,17 @@ def encode_text_xl(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negati
                    copies: int, syntax: str, size: tuple[int, int]) -> np.ndarray:
     """(2N, L + 2, D) as [unconditional x N, conditional x N] when guided, else (N, L + 2, D)."""
     cond = graphs.manifest.conditioning
-    first, second = graphs.open("text_encoder")[0], graphs.open("text_encoder_2")[0]
+    refiner = cond.get("encoders") == ["text_encoder_2"]
+    first = None if refiner else graphs.open("text_encoder")[0]
+    second = graphs.open("text_encoder_2")[0]
 
     def run_second(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:  # [(1, 77, D2), (1, P)]
         feeds = {"input_ids": second_ids(ids, tokenizer.eos_id, cond["pad_id_2"]), "attention_mask": mask}
         return graphs.run("text_encoder_2", second, feeds)
 
     def encode_masked(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # (1, 77) each -> (1, 77, D1 + D2)
+        if refiner:
+            return run_second(ids, mask)[0]
         hidden = graphs.run("text_encoder", first, {"input_ids": ids, "attention_mask": mask})[0]
         return np.concatenate([hidden, run_second(ids, mask)[0]], axis=-1)
 
@@ -67,6 +74,10 @@ def encode_text_xl(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negati
 
     h, w = size
     time_ids = [float(h), float(w), 0.0, 0.0, float(h), float(w)][: cond["time_ids"]]
+    negative_ids = time_ids
+    if "aesthetic_score" in cond:  # the refiner: original size, crop, aesthetic score
+        time_ids, negative_ids = ([*time_ids[:4], float(cond[k])] for k in ("aesthetic_score",
+                                                                              "negative_aesthetic_score"))
     how = {"encode_masked": encode_masked, "downweight": "mask"}
     windows = windows_allowed(graphs)
     zeros = cond.get("force_zeros_for_empty_prompt", True) and not negative_prompt
@@ -79,5 +90,6 @@ def encode_text_xl(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negati
         if zeros:
             states[0], extras[0] = np.zeros_like(states[1]), np.zeros_like(extras[1])
     width = states[-1].shape[-1]
-    rows = [np.concatenate([s, condition_rows(p, time_ids, width)], axis=1) for s, p in zip(states, extras)]
+    ids = [negative_ids, time_ids] if guided else [time_ids]
+    rows = [np.concatenate([s, condition_rows(p, i, width)], axis=1) for s, p, i in zip(states, extras, ids)]
     return np.concatenate([np.repeat(r, copies, axis=0) for r in rows]).astype(np.float32)  # (B, L + 2, D)
