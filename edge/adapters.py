@@ -78,9 +78,9 @@ class Adapters:
                 key = (component, where[component][weight]["graph"])
                 by_graph.setdefault(key, []).extend((weight, sha[id(layer)], layer.module, scale)
                                                     for layer, scale in changes)
-        if self.embeddings:  # the token table, grown by every embedding loaded
-            name, table = self._table()
-            by_graph.setdefault(("text_encoder", table["graph"]), []).append(
+        for encoder in self._encoders() if self.embeddings else ():  # token tables, grown by every embedding loaded
+            name, table = self._table(encoder)
+            by_graph.setdefault((encoder, table["graph"]), []).append(
                 (name, "", " ".join(e.token for e in self.embeddings), 1.0))
         wanted = {k: tuple(sorted(v)) for k, v in by_graph.items()}
         changed = [k for k in set(self.applied) | set(wanted) if self.applied.get(k) != wanted.get(k)]
@@ -107,15 +107,19 @@ class Adapters:
     def add_embedding(self, embedding: Embedding, tokenizer) -> Embedding:
         """A textual-inversion embedding's tokens into the vocabulary, its vectors into the token table at the
         next use(); its rows must follow the table's (the tokenizer numbers new words after the vocabulary)."""
-        if self.manifest.conditioning:  # SDXL: both encoders' tables would grow (clip_l / clip_g vectors)
-            raise EmbeddingError(f"{embedding.path.name}: textual inversion on {self.manifest.family} bundles is not "
-                                 "built yet (it needs vectors for both text encoders)")
-        name, entry = self._table()
-        if entry is None or entry["stored"] != "float":
-            raise EmbeddingError(f"{self.bundle} does not record its text encoder's token table as a float weight; "
-                                 "re-convert it to use textual-inversion embeddings")
-        width = self.manifest.components["text_encoder"].outputs[0].shape[-1]
-        grown_table(np.zeros((0, width), np.float32), [embedding])  # the width checked before the vocabulary grows
+        xl = bool(self.manifest.conditioning)
+        if xl != (embedding.vectors_2 is not None):
+            raise EmbeddingError(
+                f"{embedding.path.name}: an SDXL embedding (clip_l, clip_g), but this {self.manifest.family} bundle "
+                "has one text encoder" if not xl else f"{embedding.path.name}: one set of vectors, but this "
+                f"{self.manifest.family} bundle's text encoders need an SDXL embedding (clip_l and clip_g)")
+        for encoder in self._encoders():
+            name, entry = self._table(encoder)
+            if entry is None or entry["stored"] != "float":
+                raise EmbeddingError(f"{self.bundle} does not record {encoder}'s token table as a float weight; "
+                                     "re-convert it to use textual-inversion embeddings")
+            width = self.manifest.components[encoder].outputs[0].shape[-1]
+            grown_table(np.zeros((0, width), np.float32), [embedding], encoder)  # checked before the vocabulary grows
         ids = tokenizer.add_words(embedding.tokens)
         self.embeddings.append(embedding)
         self._token_ids.append(ids)
@@ -126,7 +130,7 @@ class Adapters:
         where = self.weight_map()[component]
         changes = {} if resolved is None else {
             w: ch for (c, w), ch in resolved.changes.items() if c == component and where[w].get("graph") == k}
-        table, entry = self._table() if self.embeddings and component == "text_encoder" else (None, None)
+        table, entry = self._table(component) if self.embeddings and component in self._encoders() else (None, None)
         if entry is not None and entry["graph"] == k:
             changes[table] = []
         entries = {w: where[w] for w in changes}
@@ -137,7 +141,7 @@ class Adapters:
         out = {}
         for weight, e in entries.items():
             if weight == table:
-                out[e["initializer"]] = self._grown(base[e["initializer"]])
+                out[e["initializer"]] = self._grown(base[e["initializer"]], component)
             elif e["stored"] == "float":
                 out[e["initializer"]] = apply_changes(base[e["initializer"]], changes[weight], e["transposed"])
             else:
@@ -146,23 +150,27 @@ class Adapters:
                 out[e["initializer"]], out[e["scale"]], out[e["zero_point"]] = _requantize(w, q, scale, zero)
         return out
 
-    def _table(self) -> tuple[str | None, dict | None]:
-        """(name, entry) of the text encoder's token table in weights.json (transformers before 5 nested it in
+    def _encoders(self) -> list[str]:
+        """The bundle's text encoders, whose token tables an embedding grows (SDXL: both; its refiner: the second)."""
+        return [c for c in ("text_encoder", "text_encoder_2") if c in self.manifest.components]
+
+    def _table(self, encoder: str = "text_encoder") -> tuple[str | None, dict | None]:
+        """(name, entry) of a text encoder's token table in weights.json (transformers before 5 nested it in
         `text_model.`)."""
-        where = self.weight_map().get("text_encoder", {})
+        where = self.weight_map().get(encoder, {})
         for name in (TOKEN_TABLE, "text_model." + TOKEN_TABLE):
             if name in where:
                 return name, where[name]
         return None, None
 
-    def _grown(self, table: np.ndarray) -> np.ndarray:
+    def _grown(self, table: np.ndarray, encoder: str) -> np.ndarray:
         rows = len(table)
         for e, ids in zip(self.embeddings, self._token_ids):
             if ids != list(range(rows, rows + len(ids))):
                 raise EmbeddingError(f"{e.path.name}: its tokens got ids {ids[0]}…, not the rows after the token "
                                      f"table's {rows}; this bundle's vocabulary and text encoder disagree")
             rows += len(ids)
-        return grown_table(table, self.embeddings)
+        return grown_table(table, self.embeddings, encoder)
 
 
 def _channel_axis(q: np.ndarray, scale: np.ndarray) -> int | None:

@@ -82,7 +82,8 @@ def test_cli_embeddings_dir_and_errors(bundles, files, tmp_path):
                     check=False)
     assert proc.returncode != 0 and "vectors of width 40, but this text encoder's tokens are 32 wide" in proc.stderr
     pipe = Pipeline.load(bundle)
-    with pytest.raises(EmbeddingError, match="SDXL embedding"):
+    with pytest.raises(EmbeddingError, match="an SDXL embedding \\(clip_l, clip_g\\), but this sd1 bundle has one "
+                                             "text encoder"):
         save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 64)}, str(tmp_path / "xl.safetensors"))
         pipe.load_embedding(tmp_path / "xl.safetensors")
     with pytest.raises(EmbeddingError, match="are Python pickles"):

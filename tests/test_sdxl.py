@@ -34,12 +34,13 @@ def sdxl(tmp_path_factory):
     return root / "model", root / "bundle", pipe
 
 
-def _diffusers_image(pipe, scheduler: str, latents: np.ndarray, negative: str | None, h: int, w: int, steps: int):
+def _diffusers_image(pipe, scheduler: str, latents: np.ndarray, negative: str | None, h: int, w: int, steps: int,
+                     prompt: str = PROMPT):
     source = pipe.scheduler
     pipe.scheduler = _diffusers_scheduler(scheduler, source.config)
     try:
         with torch.no_grad():
-            out = pipe(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=6.0, height=h,
+            out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=6.0, height=h,
                        width=w, latents=torch.from_numpy(latents), output_type="np")
     finally:
         pipe.scheduler = source
@@ -51,7 +52,7 @@ def test_the_bundle_says_it_is_sdxl(sdxl):
 
     m = read_manifest(sdxl[1])
     assert m.family == "sdxl" and {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} <= set(m.components)
-    assert m.conditioning == {"kind": "sdxl", "rows": 2, "pooled_dim": 32, "time_ids": 6, "pad_token_2": "!",
+    assert m.conditioning == {"kind": "sdxl", "encoders": ["text_encoder", "text_encoder_2"], "rows": 2, "pooled_dim": 32, "time_ids": 6, "pad_token_2": "!",
                               "pad_id_2": 0, "force_zeros_for_empty_prompt": True}
     assert min(c.parity["psnr_db"] for c in m.components.values()) >= 40
 
@@ -139,12 +140,41 @@ def test_an_sdxl_lora_on_an_sd1_bundle_is_refused(sdxl, bundles, tmp_path):
         Pipeline.load(bundles["folder-epsilon"]).generate(PROMPT, steps=2, loras=[(path, 1.0)])
 
 
-def test_textual_inversion_on_sdxl_is_refused_by_name(sdxl, tmp_path):
-    from safetensors.torch import save_file
+def test_sdxl_textual_inversion_matches_diffusers(sdxl, tmp_path):
+    """SDXL embeddings (clip_l and clip_g vectors; 2 vectors for one token) in the prompt and the negative prompt:
+    both encoders' token tables grown at run time, against diffusers' load_textual_inversion into each encoder."""
+    from safetensors.torch import load_file, save_file
 
     from edge.embeddings import EmbeddingError
 
-    path = tmp_path / "learned_embeds.safetensors"
-    save_file({"<sparkle>": torch.randn(2, 32)}, str(path))
-    with pytest.raises(EmbeddingError, match="learned_embeds.safetensors: textual inversion on sdxl bundles"):
-        Pipeline.load(sdxl[1]).load_embedding(path)
+    _, bundle, pipe = sdxl
+    g = torch.Generator().manual_seed(3)
+    for name, n in (("sparkle", 2), ("grainy", 1)):  # word embeddings are ~0.01-scale: these move the picture
+        save_file({"clip_l": torch.randn(n, 32, generator=g) * 0.5, "clip_g": torch.randn(n, 32, generator=g) * 0.5},
+                  str(tmp_path / f"{name}.safetensors"))
+    latents = np.random.default_rng(9).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    prompt = "a sparkle circle on a blue background"
+    plain = _diffusers_image(pipe, "euler", latents, "grainy", 64, 64, steps=5, prompt=prompt)
+    for name in ("sparkle", "grainy"):
+        tensors = load_file(str(tmp_path / f"{name}.safetensors"))
+        pipe.load_textual_inversion(tensors["clip_l"], token=name, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(tensors["clip_g"], token=name, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    try:
+        reference = _diffusers_image(pipe, "euler", latents, "grainy", 64, 64, steps=5, prompt=prompt)
+    finally:
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            pipe.unload_textual_inversion(["sparkle", "sparkle_1", "grainy"], tokenizer=tokenizer,
+                                          text_encoder=encoder)
+    ours = Pipeline.load(bundle)
+    for name in ("sparkle", "grainy"):
+        ours.load_embedding(tmp_path / f"{name}.safetensors")
+    image = ours.generate(prompt, negative_prompt="grainy", steps=5, guidance=6.0, scheduler="euler",
+                          latents=latents).images[0]
+    assert psnr(plain.astype(np.float64), reference.astype(np.float64), peak=255.0) < 35  # the embeddings count
+    assert psnr(reference.astype(np.float64), np.asarray(image, np.float64), peak=255.0) >= 40
+    save_file({"<one>": torch.randn(1, 32)}, str(tmp_path / "learned_embeds.safetensors"))
+    with pytest.raises(EmbeddingError, match="learned_embeds.safetensors: one set of vectors, but this sdxl bundle's "
+                                             "text encoders need an SDXL embedding"):
+        Pipeline.load(bundle).load_embedding(tmp_path / "learned_embeds.safetensors")
