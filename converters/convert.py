@@ -343,7 +343,9 @@ def _build_bundle(src: Source, tmp: Path, external_data_over: int, options: Opti
         },
         "components": components,
         **({"weight_map": WEIGHT_MAP} if weight_map else {}),
-        "preview": fit_preview(pipe.vae, (sample[0] * vae_scale, sample[1] * vae_scale), vae_scale),
+        # the latent -> colour map does not depend on the size: fitted at 512 px at most (SDXL's 1024 px pictures
+        # through the torch encoder took minutes)
+        "preview": fit_preview(pipe.vae, tuple(min(512, s * vae_scale) for s in sample), vae_scale),
         "source": {
             "name": src.name,
             "kind": src.kind,

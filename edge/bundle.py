@@ -69,6 +69,7 @@ class Chunk:
     file: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    weight_bytes: int = 0  # its weights (0: not recorded)
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,8 @@ def _component(name: str, d: dict[str, Any]) -> Component:
         inputs=tuple(_tensor(t) for t in d["inputs"]),
         outputs=tuple(_tensor(t) for t in d["outputs"]),
         parity=dict(d.get("parity", {})),
-        chunks=tuple(Chunk(c["file"], tuple(t["name"] for t in c["inputs"]), tuple(t["name"] for t in c["outputs"]))
-                     for c in d.get("chunks", ())),
+        chunks=tuple(Chunk(c["file"], tuple(t["name"] for t in c["inputs"]), tuple(t["name"] for t in c["outputs"]),
+                           int(c.get("weight_bytes", 0))) for c in d.get("chunks", ())),
         memory=dict(d.get("memory", {})),
         attention=dict(d.get("attention", {})),
         quantization=dict(d.get("quantization", {})),

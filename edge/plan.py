@@ -113,12 +113,16 @@ class _Graphs:
                               "re-convert it to plan for a budget")
         measured = [int(g["resident"]) for g in graphs]
         resident, fits = list(measured), [dict(g["activation"]) for g in graphs]
-        if 0 < sum(measured) < c.bytes:  # weights mapped from disk (converters/aligned.py) are measured before a run
-            # reads them, so the probe saw them in the run's constant; after it they count in RSS as long as the
-            # graph is loaded (SD 2.1 int8 at 768x768 peaked at 4.4 GB against an estimate of 3.3 GB)
+        # Weights mapped from disk (converters/aligned.py) are measured before a run reads them, so the probe saw
+        # them in the run's constant; after it they count in RSS as long as the graph is loaded (SD 2.1 int8 at
+        # 768x768 peaked at 4.4 GB against an estimate of 3.3 GB). Each graph holds at least its weights.
+        sizes = [ch.weight_bytes for ch in c.chunks]
+        if len(sizes) == len(measured) and all(sizes):
+            resident = [max(m, b) for m, b in zip(measured, sizes)]
+        elif 0 < sum(measured) < c.bytes:  # chunk sizes not recorded: the component's, shared out as measured
             resident = [int(r * c.bytes / sum(measured)) for r in measured]
-            for fit, r, m in zip(fits, resident, measured):
-                fit["c"] = max(0.0, fit.get("c", 0.0) - (r - m))
+        for fit, r, m in zip(fits, resident, measured):
+            fit["c"] = max(0.0, fit.get("c", 0.0) - (r - m))
         return cls(tuple(int(g["load_peak"]) for g in graphs), tuple(resident), tuple(fits),
                    tuple(g.get("carry_fit", {"a": 0.0}) for g in graphs))
 
