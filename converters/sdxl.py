@@ -166,7 +166,7 @@ UNSUPPORTED = {  # Options fields an SDXL conversion refuses so far, and why
     "controlnets": "SDXL ControlNets are not built yet",
     "deep_cache": "DeepCache's cut is made for SD 1.x/2.x UNets so far",
     "token_merging": "token merging is made for SD 1.x/2.x UNets so far",
-    "loras": "fusing LoRAs into SDXL at convert time is not built yet (run-time --lora neither)",
+    "loras": "fusing LoRAs into SDXL at convert time is not built yet; apply them at run time (edge generate --lora)",
 }
 
 

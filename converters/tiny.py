@@ -157,25 +157,42 @@ SDXL_SCHEDULER = {**{k: v for k, v in SD15_SCHEDULER.items() if k not in ("skip_
                   "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
 
 
+def _xl_unet(context: int, time_ids: int) -> UNet2DConditionModel:
+    """SDXL's UNet shape, small: text-and-time added conditions (a 32-wide pooled embedding and `time_ids` ids),
+    per-block heads, linear projections."""
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=context, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + time_ids * 8)
+
+
+def _xl_vae() -> AutoencoderKL:
+    vae = _vae()
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's
+    return vae
+
+
+def _xl_text_encoder_2():
+    """OpenCLIP-bigG's shape, small: gelu, a 32-wide projection (the pooled embedding)."""
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=49408,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=32))
+
+
 def tiny_sdxl_pipeline(seed: int = 0):
     """A random SDXL base pipeline: two text encoders (the second with a projection, its tokenizer padding with
     "!"), a UNet with text-and-time added conditions and per-block heads, Euler, SDXL's VAE scaling."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-        vae = _vae()
-        vae.register_to_config(scaling_factor=0.13025)
+        unet, vae = _xl_unet(context=64, time_ids=6), _xl_vae()
         text_encoder = _text_encoder(sd2=True)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=49408,
-            max_position_embeddings=77, hidden_act="gelu", projection_dim=32))
+        text_encoder_2 = _xl_text_encoder_2()
     return StableDiffusionXLPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
@@ -188,20 +205,11 @@ def tiny_sdxl_refiner_pipeline(seed: int = 0):
     whose added conditions are the pooled embedding and 5 time ids (sizes, crop, aesthetic score), as SDXL's
     refiner-1.0 has; the base's scheduler and VAE scaling."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
-    from transformers import CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 5 * 8)
-        vae = _vae()
-        vae.register_to_config(scaling_factor=0.13025)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=49408,
-            max_position_embeddings=77, hidden_act="gelu", projection_dim=32))
+        unet, vae = _xl_unet(context=32, time_ids=5), _xl_vae()
+        text_encoder_2 = _xl_text_encoder_2()
     return StableDiffusionXLImg2ImgPipeline(
         vae=vae.eval(), text_encoder=None, text_encoder_2=text_encoder_2.eval(), tokenizer=None,
         tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"), unet=unet.eval(),

@@ -160,6 +160,11 @@ def _generate_refined(a: argparse.Namespace) -> int:
                          "it yet")
     pipes = [Pipeline.load(b, threads=a.threads, memory_budget=a.memory_budget, preload=a.memory_budget is None)
              for b in (a.bundle, a.refiner)]
+    if a.memory_budget is not None:  # each planned on its own: they never run, nor stay, side by side
+        guided = pipes[0].manifest.generation_defaults(guidance=a.guidance)["guidance"] > 1
+        for role, pipe in zip(("base", "refiner"), pipes):
+            plan = pipe.plan_for(*_size(pipes[0], a), num_images=a.num_images, guided=guided)
+            print(f"{role}: {plan.describe()}", file=sys.stderr)
     result = generate_refined(*pipes, a.prompt, a.negative_prompt, high_noise_frac=a.high_noise_frac, steps=a.steps,
                               guidance=a.guidance, scheduler=a.scheduler, seed=a.seed, height=a.height,
                               width=a.width, num_images=a.num_images, prompt_syntax=a.prompt_syntax,
