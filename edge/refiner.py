@@ -99,6 +99,7 @@ def generate_refined(base: Pipeline, refiner: Pipeline, prompt: str, negative_pr
         for i, x in zip(range(first, last), pipe.denoise(x, context, sched, guidance, rng, start=first)):
             if callback is not None:
                 callback(i, steps, x)
+        pipe._done_with("unet")  # as the plan says (the decoder's stage does not hold the UNet)
         timings["refiner_unet" if pipe is refiner else "base_unet"] = time.perf_counter() - t
         timings["unet"] += time.perf_counter() - t
         if pipe is base:

@@ -4,6 +4,7 @@ diffusers' StableDiffusionXLImg2ImgPipeline on the same latents and noise."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from conftest import run_edge
 from edge import Pipeline
 from edge.bundle import read_manifest
 from edge.images import to_tensor
+from edge.memprobe import rss_bytes
 from edge.metrics import psnr
 from edge.refiner import generate_refined
 from edge.schedulers import make_scheduler, scheduler_config_from_dict
@@ -160,13 +162,21 @@ def test_cli_refiner_and_its_errors(pair, tmp_path):
 def test_under_a_budget_base_and_refiner_are_never_resident_together(pair):
     free = generate_refined(*(Pipeline.load(pair[n][1]) for n in ("base", "refiner")), PROMPT, steps=STEPS,
                             guidance=GUIDANCE, scheduler="euler", latents=LATENTS)
-    base, refiner = (Pipeline.load(pair[n][1], memory_budget="2GB", preload=False) for n in ("base", "refiner"))
-    loaded = []
+    from edge.plan import smallest_budget
+
+    gc.collect()  # the unconstrained pipelines' sessions gone: the budget is planned on what this process holds
+    manifests = [read_manifest(pair[n][1]) for n in ("base", "refiner")]
+    least = max(smallest_budget(m, H, W, base=rss_bytes())[0] for m in manifests)  # the staged plans, both
+    base, refiner = (Pipeline.load(pair[n][1], memory_budget=least + 2**24, preload=False) for n in ("base", "refiner"))
+    loaded, decoding = [], []
+    decode = refiner.decode
+    refiner.decode = lambda x: decoding.append(set(refiner.graphs.sessions)) or decode(x)  # what decoding holds
     result = generate_refined(base, refiner, PROMPT, steps=STEPS, guidance=GUIDANCE, scheduler="euler",
                               latents=LATENTS, callback=lambda i, n, x: loaded.append(
                                   (set(base.graphs.sessions), set(refiner.graphs.sessions))))
     k = 8  # the base's steps at 0.8 of 10 Euler steps (leading spacing: 901 ... 1, cut-off 200)
     assert all(theirs == set() for _, theirs in loaded[:k]) and all(mine == set() for mine, _ in loaded[k:])
     assert "unet" in loaded[0][0] and "unet" in loaded[-1][1]
+    assert not refiner.plan.resident and decoding == [set()]  # staged: the UNet is freed before the decoder loads
     assert not base.graphs.sessions and not refiner.graphs.sessions
     assert psnr(np.asarray(free.images[0]), np.asarray(result.images[0])) >= 60
