@@ -7,16 +7,14 @@ under the target name; a lock file beside the target keeps two converts from wri
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable
 
 import torch
 
@@ -40,6 +38,7 @@ from edge.converters.controlnet import control_inputs, load_name, with_controlne
 from edge.converters.weight_map import LORA_COMPONENTS, WEIGHT_MAP, fuse_loras, locate, match_weights
 from edge.converters.tome import MAX_RATIO, RATIO_RULE, install_token_merging, versus_unmerged
 from edge.converters.aligned import realign
+from edge.converters.placing import ConvertError, exclusive, move_into_place, remove_stale_partials
 from edge.converters.split import run_chunks, split_graph
 from edge.converters.tiny_vae import NAME as TINY_VAE
 from edge.converters.tiny_vae import check_fits, load_tiny_vae, source_info, tiny_vae_spec, versus_full_decoder
@@ -140,10 +139,6 @@ class Options:
             raise ConvertError("--token-merging is made into the ONNX UNet; the Core ML target does not take it")
 
 
-class ConvertError(ValueError):
-    """The conversion cannot go ahead or produced a graph that does not match torch."""
-
-
 def convert(
     source: str,
     out: Path | str,
@@ -161,7 +156,7 @@ def convert(
     kernel, precision and UNet split; `score` runs the default model's fidelity evaluation on the result and
     records it in the manifest (meaningful for models trained on edge.eval's scenes)."""
     out = Path(out)
-    with _exclusive(out):  # to the final rename: a second convert to `out` stops here, and nothing is lost
+    with exclusive(out):  # to the final rename: a second convert to `out` stops here, and nothing is lost
         if out.exists() and not overwrite:
             raise ConvertError(f"{out} already exists; choose another -o or pass --overwrite")
         t0 = time.perf_counter()
@@ -172,7 +167,7 @@ def convert(
             raise ConvertError(why)
 
         tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        _remove_stale_partials(out)
+        remove_stale_partials(out)
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / ".scratch").mkdir(parents=True)
         try:
@@ -188,7 +183,7 @@ def convert(
             if score:
                 data["fidelity"] = _score(tmp, log)
                 manifest = write_manifest(tmp, data)
-            _move_into_place(tmp, out, overwrite)
+            move_into_place(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -523,87 +518,6 @@ def _hash_every_file(bundle: Path, data: dict[str, Any]) -> dict[str, str]:
         if rel not in (MANIFEST, MANIFEST + ".tmp"):
             files[rel] = known[rel] if rel in known else sha256_file(path)
     return files
-
-
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold the lock file `.NAME.lock` beside `out` for a whole conversion: a second `edge convert -o NAME`
-    fails at once instead of replacing this one's bundle at the end. The kernel drops an flock when its process
-    dies, so a convert killed outright (SIGKILL, power loss) blocks nobody; its leftover file is reused."""
-    lock = out.parent / f".{out.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise ConvertError(f"another `edge convert`{pid} is writing {out}; wait for it to finish or choose "
-                               f"another -o (its lock: {lock})") from None
-        if _same_file(fd, lock):
-            break
-        os.close(fd)  # the holder finished and removed this file between our open and our lock: lock anew
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # while still locked: whoever opened this file retries on a fresh one
-        os.close(fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Folders an earlier convert to `out` left when it was killed outright (SIGKILL, power loss). Called under
-    the lock, so no convert of this version is writing one; a folder whose process is alive is kept all the
-    same (a convert from before the lock, or the pid reused), never deleted from under a running convert."""
-    for partial in out.parent.glob(f".{out.name}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """The finished bundle becomes `out` (under the lock). Without `overwrite`, whatever appeared at `out`
-    since the start (made by hand or by a convert that takes no lock) is left as it is, and the new bundle is
-    kept beside it."""
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            _keep_beside(tmp, out)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.rename(tmp, out)  # refuses a non-empty folder or a file made at `out` since the check
-    except OSError:
-        _keep_beside(tmp, out)
-
-
-def _keep_beside(tmp: Path, out: Path) -> NoReturn:
-    kept = out.parent / f"{out.name}.new-{os.getpid()}"
-    os.rename(tmp, kept)
-    raise ConvertError(f"{out} appeared while converting and was left as it is (pass --overwrite to replace it); "
-                       f"the new bundle is at {kept}")
 
 
 def _version(dist: str) -> str:
