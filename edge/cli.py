@@ -211,13 +211,14 @@ def _plan(a: argparse.Namespace) -> int:
     # Opened as `edge generate` opens it, graphs not loaded: the process it plans for is the same.
     pipe = Pipeline.load(a.bundle, memory_budget=a.memory_budget, preload=False, verify=False)
     h, w = _size(pipe, a)
-    plan = pipe.plan_for(h, w, num_images=a.num_images, guided=a.guidance > 1)
-    print(f"{a.bundle}: {w}x{h}, {a.num_images} image(s), guidance {a.guidance}")
+    guidance = pipe.manifest.generation_defaults(guidance=a.guidance)["guidance"]  # few-step models: their own
+    plan = pipe.plan_for(h, w, num_images=a.num_images, guided=guidance > 1)
+    print(f"{a.bundle}: {w}x{h}, {a.num_images} image(s), guidance {guidance:g}")
     print(plan.describe())
     from edge.plan import smallest_budget
 
     try:
-        least, frugal = smallest_budget(pipe.manifest, h, w, num_images=a.num_images, guided=a.guidance > 1,
+        least, frugal = smallest_budget(pipe.manifest, h, w, num_images=a.num_images, guided=guidance > 1,
                                         base=plan.base)
     except ValueError:  # a bundle without memory measurements: its plan above already says so
         return 0
@@ -231,8 +232,9 @@ def _plan(a: argparse.Namespace) -> int:
 def _profile(a: argparse.Namespace) -> int:
     from edge.memory_profile import reprofile
 
-    reprofile(a.bundle, threads=a.threads)
-    print(f"measured {a.bundle} on this machine; `edge plan` now uses these numbers")
+    names = [n for n in a.components.split(",") if n] if a.components else None
+    reprofile(a.bundle, threads=a.threads, components=names)
+    print(f"measured {', '.join(names) if names else a.bundle} on this machine; `edge plan` now uses these numbers")
     return 0
 
 
@@ -355,13 +357,15 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("bundle", type=Path)
     pl.add_argument("--memory-budget", required=True, type=_budget("--memory-budget"), help="e.g. 4GB, 1.5GiB, 2048MB")
     _add_size_arguments(pl)
-    pl.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=7.5,
-                    help=f"guidance scale, {GUIDANCE_RULE}")
+    pl.add_argument("--guidance", type=number_arg("--guidance", minimum=0.0, rule=GUIDANCE_RULE), default=None,
+                    help=f"guidance scale, {GUIDANCE_RULE} (default: the bundle's recommended)")
     pl.set_defaults(run=_plan)
 
     pr = sub.add_parser("profile", help="measure a bundle's memory on this machine, for `edge plan`")
     pr.add_argument("bundle", type=Path)
     pr.add_argument("--threads", type=count_arg("--threads"), help="onnxruntime intra-op threads (>= 1)")
+    pr.add_argument("--components", help="only these, comma-separated (e.g. text_encoder,text_encoder_2); the "
+                    "others keep their figures")
     pr.set_defaults(run=_profile)
 
     ci = sub.add_parser("control-image", help="make a ControlNet's control image from a photo (canny edges, mask, "

@@ -82,18 +82,22 @@ def profile_component(bundle: Path, component: dict, latent_hw: tuple[int, int],
             "file": f.name,
             "load_peak": max(m[2]["load_peak"] for m in measured),
             "resident": max(m[2]["resident"] for m in measured),
+            "held": max(m[2]["held"] for m in measured),  # what it holds once it has run (edge.memprobe)
             "activation": fit_activation([{"pixels": p, "batch": b, "bytes": m["activation"]} for p, b, m in measured]),
             "carry_fit": {"a": largest[2]["carry"] / max(largest[0] * largest[1], 1)},  # bytes per pixel and batch
             "samples": [{"pixels": p, "batch": b, **{k2: m[k2] for k2 in ("load_peak", "resident", "activation",
-                                                                            "carry")}} for p, b, m in measured],
+                                                                            "held", "carry")}}
+                        for p, b, m in measured],
         })
     return {"graphs": graphs, "probe": {"threads": threads, "machine": platform.machine(),
                                         "system": platform.system(), "onnxruntime": _ort_version(),
                                         "cpu_features": features().as_dict()}}
 
 
-def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str], None] = print) -> None:
-    """Measure a finished bundle on this machine and rewrite its manifest's `memory` entries (atomically)."""
+def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str], None] = print,
+              components: list[str] | None = None) -> None:
+    """Measure a finished bundle on this machine and rewrite its manifest's `memory` entries (atomically):
+    all the measured components, or only `components` (the others keep their figures)."""
     import json
 
     from edge.bundle import MANIFEST, read_manifest, write_manifest
@@ -101,9 +105,13 @@ def reprofile(bundle: Path | str, threads: int | None = None, log: Callable[[str
     bundle = Path(bundle)
     m = read_manifest(bundle)
     data = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+    names = profiled(data["components"])
+    unknown = [n for n in components or () if n not in names]
+    if unknown:
+        raise ValueError(f"{bundle} has no measured component {unknown[0]!r}; choose from {', '.join(names)}")
     latent = tuple(d // m.vae_scale_factor for d in m.default_size)
     multiple = m.size_multiple // m.vae_scale_factor
-    for name in profiled(data["components"]):
+    for name in components or names:
         record = data["components"][name]
         record["memory"] = profile_component(bundle, {"name": name, **record}, latent, multiple, threads, log,
                                              scale=m.vae_scale_factor)

@@ -6,6 +6,8 @@ manifest; the runtime's memory planner (`edge.plan`) adds them up for a budget. 
 - `load_peak`: RSS growth while the onnxruntime session is created (protobuf + weights, transiently),
 - `resident`: RSS growth once it is created (weights, pre-packed kernels),
 - `activation`: RSS growth while it runs, above `resident` (intermediate tensors, inputs and outputs),
+- `held`: RSS growth after it has run, outputs aside: what it holds while later graphs run (weights mapped from
+  disk count once a run has read them, and only what it read: a token table's few rows, not the table),
 - `carry`: the outputs it leaves for later chunks to read (bytes of the tensors kept).
 
 Activations are measured at several latent sizes and batches and fitted as c + B * (a * P + b * P^2),
@@ -118,15 +120,18 @@ def _measure(job: dict) -> dict:
         reset_peak()
         feeds = {i.name: env[i.name] for i in session.get_inputs()}
         names = [o.name for o in session.get_outputs()]
-        env.update(zip(names, session.run(names, feeds)))
+        outputs = session.run(names, feeds)
         activation = peak_bytes() - before - resident
-        del session, feeds
+        release_memory()
+        held = rss_bytes() - before - sum(v.nbytes for v in outputs)
+        env.update(zip(names, outputs))
+        del session, feeds, outputs
         later = {n for g in job["graphs"][k + 1:] for n in g["inputs"]}
         env = {n: v for n, v in env.items() if n in later or n in job["inputs"]}
         release_memory()
         carry = sum(v.nbytes for n, v in env.items() if n not in job["inputs"])  # held for later chunks
         graphs.append({"file": Path(graph["file"]).name, "load_peak": max(load_peak, resident),
-                       "resident": max(resident, 0), "activation": max(activation, 0),
+                       "resident": max(resident, 0), "activation": max(activation, 0), "held": max(held, 0),
                        "carry": carry, "peak_resettable": resettable})
     return {"graphs": graphs}
 

@@ -234,8 +234,10 @@ class Pipeline:
 
     def encode_text(self, prompt: str, negative_prompt: str, guided: bool, copies: int,
                     syntax: str = "auto", size: tuple[int, int] | None = None) -> np.ndarray:
-        """(2N, L, D) as [unconditional x N, conditional x N] when guided, else (N, L, D) (edge.stages.text)."""
-        return encode_text(self.graphs, self.tokenizer, prompt, negative_prompt, guided, copies, syntax, size)
+        """(2N, L, D) as [unconditional x N, conditional x N] when guided, else (N, L, D) (edge.stages.text);
+        staged plans load SDXL's text encoders one at a time."""
+        staged = self.plan is not None and not self.plan.resident
+        return encode_text(self.graphs, self.tokenizer, prompt, negative_prompt, guided, copies, syntax, size, staged)
 
     def denoise(self, x: np.ndarray, context: np.ndarray, sched, guidance: float, rng: np.random.Generator,
                 start: int = 0, extra: np.ndarray | None = None, blend: Blend | None = None,

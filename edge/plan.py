@@ -115,9 +115,13 @@ class _Graphs:
         resident, fits = list(measured), [dict(g["activation"]) for g in graphs]
         # Weights mapped from disk (converters/aligned.py) are measured before a run reads them, so the probe saw
         # them in the run's constant; after it they count in RSS as long as the graph is loaded (SD 2.1 int8 at
-        # 768x768 peaked at 4.4 GB against an estimate of 3.3 GB). Each graph holds at least its weights.
+        # 768x768 peaked at 4.4 GB against an estimate of 3.3 GB). Each graph holds at least what the probe saw it
+        # hold after its run (`held`); bundles measured before that was recorded: at least its weights, which
+        # overcounts a token table (full-size SDXL's second text encoder: 845 MiB of weights, 685 MiB held).
         sizes = [ch.weight_bytes for ch in c.chunks]
-        if len(sizes) == len(measured) and all(sizes):
+        if all("held" in g for g in graphs):
+            resident = [max(m, int(g["held"])) for m, g in zip(measured, graphs)]
+        elif len(sizes) == len(measured) and all(sizes):
             resident = [max(m, b) for m, b in zip(measured, sizes)]
         elif 0 < sum(measured) < c.bytes:  # chunk sizes not recorded: the component's, shared out as measured
             resident = [int(r * c.bytes / sum(measured)) for r in measured]
@@ -135,13 +139,18 @@ class _Graphs:
         return out
 
 
-def _text_encoders(manifest: Manifest) -> _Graphs:
-    """The text stage as one graph: SDXL's two encoders are loaded one after the other and both held while the
-    prompts are encoded (edge.stages.text_xl), so they add up; the larger activation runs on top of both."""
+def _text_encoders(manifest: Manifest, together: bool) -> _Graphs:
+    """The text stage as one graph. SDXL's two encoders `together` (all resident): they add up, the larger
+    activation on top of both; else one at a time (edge.stages.text_xl frees the first before the second loads):
+    the larger of the two."""
     encoders = [manifest.components[n] for n in ("text_encoder", "text_encoder_2") if n in manifest.components]
     if len(encoders) == 1:  # SD's, or the SDXL refiner's (its second only)
         return _Graphs.of(encoders[0])
     first, second = (_Graphs.of(c) for c in encoders)
+    if not together:
+        return _Graphs((max(first.load_peak[0], second.load_peak[0]),),
+                       (max(g.resident[0] + g.run(1, 1)[0] for g in (first, second)),), ({"c": 0.0, "a": 0.0, "b": 0.0},),
+                       ({"a": 0.0},))
     acts = (first.activation[0], second.activation[0])
     act = max(acts, key=lambda fit: activation_bytes(fit, 1, 1))
     return _Graphs((max(first.load_peak[0], first.resident[0] + second.load_peak[0]),),
@@ -182,7 +191,7 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     tiny = _Graphs.of(tiny) if tiny is not None and tiny.memory else None
     if decoder == "tiny" and tiny is None:
         raise BudgetError(f"this bundle has no measured {TINY}: re-convert it with --tiny-vae to plan with it")
-    te, unet = _text_encoders(manifest), _Graphs.of(manifest.components["unet"])
+    te, unet = _text_encoders(manifest, together=True), _Graphs.of(manifest.components["unet"])
     vae = tiny if decoder == "tiny" else _Graphs.of(manifest.components["vae_decoder"])
     tiny_cost = 0 if tiny is None else tiny.resident[0] + tiny.run(h * w, 1)[0] + 3 * height * width * 4
     te_act = te.run(1, 1)[0]  # one prompt per call, any latent size
@@ -244,7 +253,10 @@ def make_plan(manifest: Manifest, budget: int | None, height: int, width: int, *
     limit = budget * (1 - HEADROOM)
 
     # 2-5. Stage by stage: each takes its first option that fits.
-    text_stage = Stage("text_encoder", base + max(te.load_peak[0], te.resident[0] + te_act),
+    te = _text_encoders(manifest, together=False)
+    two = "text_encoder_2" in manifest.components and "text_encoder" in manifest.components
+    text_stage = Stage("text_encoder", base + max(te.load_peak[0], te.resident[0] + te.run(1, 1)[0]),
+                       "loaded, run once per prompt, freed; the two encoders one after the other" if two else
                        "loaded, run once per prompt, freed")
     first = () if enc is None else (Stage("vae_encoder", base + max(enc.load_peak[0], enc.resident[0] + enc_act),
                                           "loaded alone, encodes the input picture, freed"),)

@@ -201,6 +201,34 @@ def test_profile_remeasures_on_this_machine(small, tmp_path):
     Pipeline.load(copy, memory_budget="2GB").generate(PROMPT, steps=2)
 
 
+def test_profile_one_component(small, tmp_path):
+    """`edge profile --components` re-measures only those (recording what each holds after its run); the others
+    keep their figures; a name the bundle does not measure is refused in one line."""
+    import json
+    import shutil
+
+    from edge.bundle import write_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    for graph in data["components"]["text_encoder"]["memory"]["graphs"]:
+        del graph["held"]  # as a bundle measured before `held` was recorded
+    write_manifest(copy, data)
+    before = data["components"]
+    proc = subprocess.run([sys.executable, "-m", "edge.cli", "profile", str(copy), "--components", "text_encoder"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    after = read_manifest(copy).components
+    assert after["unet"].memory == before["unet"]["memory"]
+    held = after["text_encoder"].memory["graphs"][0]["held"]
+    assert 0 < held <= after["text_encoder"].memory["graphs"][0]["resident"] + 64 * MB
+    proc = subprocess.run([sys.executable, "-m", "edge.cli", "profile", str(copy), "--components", "unet,vae"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert "has no measured component 'vae'; choose from text_encoder, unet" in proc.stderr
+
+
 def test_tiles_sharing_groupnorm_statistics_match_the_whole_decode(small):
     """The bundle's VAE decoder cut in two: the head (mid block) runs on the whole latent, and every tile of
     the tail normalises with the whole image's GroupNorm statistics, pooled from the tiles' own weighted by

@@ -4,6 +4,7 @@ converts and draws what diffusers' StableDiffusionXLPipeline draws from the same
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -178,3 +179,114 @@ def test_sdxl_textual_inversion_matches_diffusers(sdxl, tmp_path):
     with pytest.raises(EmbeddingError, match="learned_embeds.safetensors: one set of vectors, but this sdxl bundle's "
                                              "text encoders need an SDXL embedding"):
         Pipeline.load(bundle).load_embedding(tmp_path / "learned_embeds.safetensors")
+
+
+def _sdxl_image_from_embeds(pipe, latents: np.ndarray, embeds, steps: int = 5) -> np.ndarray:
+    """diffusers' SDXL pipeline on given (prompt, pooled, negative, negative pooled) embeddings."""
+    pipe.scheduler = _diffusers_scheduler("euler", pipe.scheduler.config)
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], negative_prompt_embeds=embeds[2],
+                   negative_pooled_prompt_embeds=embeds[3], num_inference_steps=steps, guidance_scale=6.0,
+                   height=64, width=64, latents=torch.from_numpy(latents), output_type="np")
+    return (out.images[0] * 255).round().astype(np.uint8)
+
+
+def _check_weighted(bundle, pipe, prompt: str, syntax: str, embeds, plain_embeds, seed: int) -> None:
+    """The context edge builds for `prompt` (negative "blurry") holds the reference `embeds` (prompt, pooled,
+    negative, negative pooled), which differ from the unweighted prompt's; the picture matches diffusers'."""
+    ours = Pipeline.load(bundle).encode_text(prompt, "blurry", guided=True, copies=1, syntax=syntax)
+    width = embeds[1].shape[-1]
+    for got, want in ((ours[1, :77], embeds[0][0]), (ours[1, 77, :width], embeds[1][0]),
+                      (ours[0, :77], embeds[2][0]), (ours[0, 77, :width], embeds[3][0])):
+        assert psnr(want.numpy().astype(np.float64), got.astype(np.float64)) >= 70  # fp32 encoders: ~130 dB apart
+    moved = np.abs(plain_embeds[0].numpy() - embeds[0].numpy()).max()  # what the weights do to the states
+    assert moved > 10 * np.abs(ours[1, :77] - embeds[0][0].numpy()).max()
+    latents = np.random.default_rng(seed).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    reference = _sdxl_image_from_embeds(pipe, latents, embeds)
+    image = Pipeline.load(bundle).generate(prompt, negative_prompt="blurry", steps=5, guidance=6.0, scheduler="euler",
+                                           latents=latents, prompt_syntax=syntax).images[0]
+    assert psnr(reference.astype(np.float64), np.asarray(image, np.float64), peak=255.0) >= 40
+
+
+@pytest.mark.parametrize("prompt", ["a (red circle)1.4 on a blue++ background", "a red circle, (blue background)--"])
+def test_sdxl_compel_weighting_matches_compel(sdxl, prompt):
+    """compel's weighting on SDXL's two encoders (compel's own SDXL set-up: penultimate states, the second encoder
+    pooled, of the prompt as written), down-weighting by masking included."""
+    from compel import Compel, ReturnedEmbeddingsType
+
+    _, bundle, pipe = sdxl
+    compel = Compel(tokenizer=[pipe.tokenizer, pipe.tokenizer_2], text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+                    returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                    requires_pooled=[False, True])
+    with torch.no_grad():
+        embeds = (*compel(prompt), *compel("blurry"))
+        plain = compel(re.sub(r"[()]|1\.4|\+\+|--", "", prompt))
+    _check_weighted(bundle, pipe, prompt, "compel", embeds, plain, seed=12)
+
+
+def _a1111_states(tokenizer, encoder, pieces) -> torch.Tensor:
+    """A1111's rule on one encoder (modules/sd_hijack_clip.py, which SDXL runs once per encoder): each piece
+    tokenised on its own, every token's penultimate state scaled by its weight, then the window's mean restored."""
+    ids, weights = [tokenizer.bos_token_id], [1.0]
+    for text, weight in pieces:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids, weights = ids + piece, weights + [weight] * len(piece)
+    ids, weights = ids + [tokenizer.eos_token_id], weights + [1.0]
+    pad = tokenizer.pad_token_id
+    ids, weights = ids + [pad] * (77 - len(ids)), weights + [1.0] * (77 - len(weights))
+    z = encoder(torch.tensor([ids]), output_hidden_states=True).hidden_states[-2]
+    weighted = z * torch.tensor(weights)[None, :, None]
+    return weighted * (z.mean() / weighted.mean())
+
+
+def test_sdxl_a1111_weighting_restores_each_encoders_mean(sdxl):
+    """A1111's `(words:w)` on SDXL: each text encoder's window scaled and its own mean restored, the two then side
+    by side, with the pooled embedding of the unweighted text."""
+    _, bundle, pipe = sdxl
+
+    def embeds(pieces):
+        states = [_a1111_states(t, e, pieces) for t, e in ((pipe.tokenizer, pipe.text_encoder),
+                                                           (pipe.tokenizer_2, pipe.text_encoder_2))]
+        text = "".join(p for p, _ in pieces)
+        ids = pipe.tokenizer_2(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return torch.cat(states, dim=-1), pipe.text_encoder_2(ids).text_embeds
+
+    with torch.no_grad():
+        weighted = (*embeds([("a ", 1.0), ("red circle", 1.8), (" on a ", 1.0), ("blue background", 0.5)]),
+                    *embeds([("blurry", 1.0)]))
+        plain = embeds([("a red circle on a blue background", 1.0)])
+    _check_weighted(bundle, pipe, "a (red circle:1.8) on a (blue background:0.5)", "a1111", weighted, plain, seed=13)
+
+
+def test_sdxl_text_encoders_load_one_at_a_time_under_a_budget(sdxl, tmp_path):
+    """Under a budget the first text encoder is freed before the second loads, and the plan counts the larger of
+    the two, not both; the conditioning is the same as with both resident."""
+    from edge.bundle import read_manifest
+    from edge.converters.convert import Options, convert
+    from edge.plan import HEADROOM, make_plan
+
+    bundle = tmp_path / "measured"
+    convert(str(sdxl[0]), bundle, options=Options(tiled_vae=False), log=lambda s: None)
+    m = read_manifest(bundle)
+    graphs = {n: m.components[n].memory["graphs"][0] for n in ("text_encoder", "text_encoder_2")}
+    assert all(g["held"] > 0 for g in graphs.values())
+    resident = make_plan(m, None, 64, 64)
+    staged = make_plan(m, int(resident.peak / (1 - HEADROOM)) - 1, 64, 64)
+    assert not staged.resident and "one after the other" in staged.stages[0].detail
+    pipe = Pipeline.load(bundle, memory_budget=10**12, preload=False)
+    everything = pipe.encode_text("a (red:1.3) circle", "blurry", guided=True, copies=1, syntax="a1111")
+    pipe.memory_budget = int(pipe.plan.peak / (1 - HEADROOM)) - 1
+    opened, real_open = [], pipe.graphs.open
+
+    def watched(name, count=None):  # which sessions are live each time a component is opened
+        opened.append((name, sorted(pipe.graphs.sessions)))
+        return real_open(name, count)
+
+    pipe.graphs.open = watched
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    pipe.generate("a (red:1.3) circle", negative_prompt="blurry", steps=2, latents=latents, prompt_syntax="a1111")
+    assert not pipe.plan.resident
+    assert ("text_encoder_2", []) in opened and opened.index(("text_encoder_2", [])) > 0
+    assert opened[0][0] == "text_encoder"
+    one_at_a_time = pipe.encode_text("a (red:1.3) circle", "blurry", guided=True, copies=1, syntax="a1111")
+    assert np.allclose(one_at_a_time, everything, atol=1e-4)

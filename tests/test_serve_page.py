@@ -179,6 +179,30 @@ def test_the_bundle_chooser_switches_bundles(server, browser):
     assert not page.errors, page.errors
 
 
+def test_the_page_starts_from_the_bundles_recommended_settings(browser, tmp_path):
+    """A few-step bundle (SD-Turbo's sampler: Euler, trailing timesteps) opens the page at its own 1 step without
+    guidance, and Generate without touching them draws with those."""
+    from test_few_step import _model
+
+    from edge.png import read_params
+
+    run_edge("convert", _model(tmp_path, "EulerDiscreteScheduler", timestep_spacing="trailing"), "-o",
+             tmp_path / "turbo", "--no-memory-profile", "--no-tiled-vae")
+    outputs, log = tmp_path / "outputs", tmp_path / "server.log"
+    proc, url = start([tmp_path / "turbo"], outputs, log, "--token", TOKEN)
+    try:
+        page = open_page(browser, {"url": url})
+        fields = [page.get_by_label(label, exact=True).input_value() for label in ("Steps", "Guidance", "Scheduler")]
+        assert fields == ["1", "0", "euler"]
+        page.get_by_label("Prompt", exact=True).fill(PROMPT)
+        generate(page, 0)
+        params = read_params(next(outputs.glob("*.png")))
+        assert (params["steps"], params["guidance"], params["scheduler"]) == (1, 0.0, "euler")
+        assert not page.errors, page.errors
+    finally:
+        assert "Traceback" not in stop(proc, log)
+
+
 def test_img2img_with_a_painted_mask(server, browser, tmp_path):
     """Upload a picture, paint a stripe across it: the server repaints the stripe and keeps every other pixel."""
     start = np.zeros((64, 64, 3), np.uint8)

@@ -15,6 +15,7 @@ Where a field means nothing here:
 | `sampler_name` / `sampler_index` | mapped to edge's schedulers: `SAMPLERS` below (A1111's names and aliases, or edge's own names); unknown: 404 as A1111 |
 | `scheduler` (A1111 >= 1.9) | "automatic" (the sampler's own), or "karras" with DPM++ 2M (= "DPM++ 2M Karras"); others: 422 |
 | `width`, `height` | absent: the bundle's trained size (A1111: 512); must be multiples of the bundle's size step |
+| `steps`, `cfg_scale`, `sampler_name` | absent: the bundle's recommendation (SD-Turbo: 1 step, no guidance; LCM: the `lcm` sampler), else 20, 7.5, Euler (A1111: 50, 7, Euler) |
 | `seed` | -1 draws one; image k of a batch uses seed + k, as A1111 (numpy's generator: A1111's seeds give other images) |
 | `batch_size`, `n_iter` | images run one after another (batch_size x n_iter of them, within --max-batch) |
 | `send_images` | honoured; `save_images` is not: every image goes to the outputs folder (the page's gallery) |
@@ -63,8 +64,8 @@ _TXT2IMG: dict[str, tuple[type, Any]] = {
     "prompt": (str, ""), "negative_prompt": (str, ""), "styles": (list, None), "seed": (int, -1),
     "subseed": (int, -1), "subseed_strength": (float, 0), "seed_resize_from_h": (int, -1),
     "seed_resize_from_w": (int, -1), "seed_enable_extras": (bool, True), "sampler_name": (str, None),
-    "scheduler": (str, None), "batch_size": (int, 1), "n_iter": (int, 1), "steps": (int, 50),
-    "cfg_scale": (float, 7.0), "width": (int, 512), "height": (int, 512), "restore_faces": (bool, None),
+    "scheduler": (str, None), "batch_size": (int, 1), "n_iter": (int, 1), "steps": (int, None),
+    "cfg_scale": (float, None), "width": (int, 512), "height": (int, 512), "restore_faces": (bool, None),
     "tiling": (bool, None), "do_not_save_samples": (bool, False), "do_not_save_grid": (bool, False),
     "eta": (float, None), "denoising_strength": (float, None), "s_min_uncond": (float, None),
     "s_churn": (float, None), "s_tmax": (float, None), "s_tmin": (float, None), "s_noise": (float, None),
@@ -75,7 +76,7 @@ _TXT2IMG: dict[str, tuple[type, Any]] = {
     "hr_upscaler": (str, None), "hr_second_pass_steps": (int, 0), "hr_resize_x": (int, 0), "hr_resize_y": (int, 0),
     "hr_checkpoint_name": (str, None), "hr_sampler_name": (str, None), "hr_scheduler": (str, None),
     "hr_prompt": (str, ""), "hr_negative_prompt": (str, ""), "force_task_id": (str, None),
-    "sampler_index": (str, "Euler"), "script_name": (str, None), "script_args": (list, []),
+    "sampler_index": (str, None), "script_name": (str, None), "script_args": (list, []),
     "send_images": (bool, True), "save_images": (bool, False), "alwayson_scripts": (dict, {}), "infotext": (str, None),
 }
 _IMG2IMG: dict[str, tuple[type, Any]] = {
@@ -94,9 +95,11 @@ def _fields(body: dict[str, Any], table: dict[str, tuple[type, Any]]) -> dict[st
     return {name: take(body, name, kind, default) for name, (kind, default) in table.items()}
 
 
-def sampler(name: str | None, scheduler: str | None) -> str:
+def sampler(name: str | None, scheduler: str | None) -> str | None:
     """The edge scheduler for an A1111 sampler name or alias (or an edge name), with A1111 1.9's separate
     `scheduler` ("automatic", or "karras" for DPM++ 2M)."""
+    if name is None and (scheduler or "automatic").lower() == "automatic":
+        return None  # the bundle's recommended scheduler (Bundle.resolve)
     wanted = "Euler" if name is None else name
     edge = next((e for n, e, aliases, _ in SAMPLERS if wanted.lower() in (n.lower(), e, *aliases)), None)
     if edge is None:
@@ -124,20 +127,22 @@ def request(body: dict[str, Any], img2img: bool, limits: Limits,
                             "no scripts", "alwayson_scripts")
     checkpoint = (f["override_settings"] or {}).get("sd_model_checkpoint")
     bundle = bundles.find(None) if checkpoint is None else find_checkpoint(bundles, checkpoint)
-    for name in ("steps", "batch_size", "n_iter"):
+    for name in ("batch_size", "n_iter"):
         in_range(name, f[name], 1)
-    in_range("steps", f["steps"], 1, limits.max_steps, limit="--max-steps")
+    if f["steps"] is not None:  # absent: the bundle's recommendation (Bundle.resolve), not A1111's 50
+        in_range("steps", f["steps"], 1, limits.max_steps, limit="--max-steps")
     count = f["batch_size"] * f["n_iter"]
     if count > limits.max_batch:
         raise ApiError(422, f"batch_size x n_iter is {count} images, more than this server's limit of "
                             f"{limits.max_batch} (--max-batch)", "batch_size")
-    in_range("cfg_scale", f["cfg_scale"], 0.0, 100.0)
+    if f["cfg_scale"] is not None:  # absent: as steps (A1111's is 7)
+        in_range("cfg_scale", f["cfg_scale"], 0.0, 100.0)
     # absent: the bundle's trained size (or the picture's), not A1111's 512
     width, height = (f[k] if body.get(k) is not None else None for k in ("width", "height"))
     check_size(width, height, limits)
     run = dict(prompt=check_text("prompt", f["prompt"], limits),
                negative_prompt=check_text("negative_prompt", f["negative_prompt"], limits),
-               steps=f["steps"], scheduler=sampler(f["sampler_name"] or f["sampler_index"], f["scheduler"]),
+               steps=f["steps"], scheduler=sampler(f["sampler_name"] or f["sampler_index"], f["scheduler"]),  # None: the bundle's
                guidance=f["cfg_scale"], seed=resolve_seed(f["seed"]), width=width, height=height,
                num_images=count, bundle=bundle.name, prompt_syntax="a1111")
     if img2img:

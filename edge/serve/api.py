@@ -51,7 +51,7 @@ def routes(server: Server) -> list[Route]:
         body = await read_json(request, limits.max_body_bytes)
         req = job_request(body, limits)
         bundle = server.bundles.find(req.bundle)
-        bundle.check(req)
+        req = bundle.resolve(req, limits)
         job = Job(req, bundle.name)
         position = server.jobs.submit(job)
         return JSONResponse({"id": job.id, "position": position, "seed": req.seed}, status_code=202)

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,17 @@ class Bundle:
         ok = [s for s in found if s[0] * s[1] <= limits.max_pixels and max(s) <= limits.max_side]
         return [list(s) for s in dict.fromkeys(map(tuple, ok))]
 
+    def resolve(self, req: GenerationRequest, limits: Limits) -> GenerationRequest:
+        """`req` with the steps, guidance and scheduler it left out taken from this bundle (its model's
+        recommendation, e.g. SD-Turbo's 1 step without guidance; else edge's defaults; steps at most the server's
+        --max-steps), then checked."""
+        given = {"steps": req.steps, "guidance": req.guidance, "scheduler": req.scheduler}
+        req = replace(req, **self.manifest.generation_defaults(**given))
+        if req.steps > limits.max_steps:  # a recommendation over the server's limit: the limit
+            req = replace(req, steps=limits.max_steps)
+        self.check(req)
+        return req
+
     def check(self, req: GenerationRequest) -> None:
         """What the pipeline would refuse on this bundle, refused before the job is queued (422 naming it)."""
         m = self.manifest
@@ -87,7 +98,8 @@ class Bundle:
         m = self.manifest
         return {"name": self.name, "path": str(self.path), "bundle_id": m.bundle_id, "precision": self.precision,
                 "default_size": list(m.default_size), "size_multiple": m.size_multiple, "sizes": self.sizes(limits),
-                "family": m.family, "inpainting": self.inpainting, "backend": self.backend}
+                "family": m.family, "inpainting": self.inpainting, "backend": self.backend,
+                "defaults": m.generation_defaults()}  # steps, guidance, scheduler where a request gives none
 
 
 def _round(x: float, m: int) -> int:

@@ -40,9 +40,10 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str = ""
-    steps: int = 20
-    scheduler: str = "euler"  # an edge scheduler name (edge.schedulers)
-    guidance: float = 7.5
+    # None: the bundle's recommendation (few-step models: their own), else edge's defaults (Bundle.resolve)
+    steps: int | None = None
+    scheduler: str | None = None  # an edge scheduler name (edge.schedulers)
+    guidance: float | None = None
     seed: int = 0  # resolved: never -1 here
     width: int | None = None  # None: the bundle's default size (or the input picture's)
     height: int | None = None
@@ -197,10 +198,11 @@ def job_request(body: dict[str, Any], limits: Limits) -> GenerationRequest:
     """POST /api/jobs: the page's fields (see edge/serve/app.py), checked."""
     prompt = check_text("prompt", take(body, "prompt", str), limits)
     negative = check_text("negative_prompt", take(body, "negative_prompt", str, ""), limits)
-    steps = take(body, "steps", int, 20)
-    in_range("steps", steps, 1, limits.max_steps, limit="--max-steps")
-    guidance = take(body, "guidance", float, 7.5)
-    in_range("guidance", guidance, 0.0, 100.0)
+    steps, guidance = take(body, "steps", int, None), take(body, "guidance", float, None)  # None: the bundle's
+    if steps is not None:
+        in_range("steps", steps, 1, limits.max_steps, limit="--max-steps")
+    if guidance is not None:
+        in_range("guidance", guidance, 0.0, 100.0)
     width, height = take(body, "width", int, None), take(body, "height", int, None)
     check_size(width, height, limits)
     syntax = take(body, "prompt_syntax", str, "auto")
@@ -219,7 +221,7 @@ def job_request(body: dict[str, Any], limits: Limits) -> GenerationRequest:
         image, mask = fit_pictures(image, None if mask is None else as_mask(mask), width, height)
         width = height = None  # the picture's size is the output's
     return GenerationRequest(
-        prompt=prompt, negative_prompt=negative, steps=steps, scheduler=take(body, "scheduler", str, "euler"),
+        prompt=prompt, negative_prompt=negative, steps=steps, scheduler=take(body, "scheduler", str, None),
         guidance=guidance, seed=resolve_seed(take(body, "seed", int, -1)), width=width, height=height,
         bundle=take(body, "bundle", str, None), image=image, mask=mask, strength=strength, mask_blur=mask_blur,
         prompt_syntax=syntax)

@@ -33,7 +33,7 @@ def routes(server: Server) -> list[Route]:
     async def generate(request: Request, img2img: bool) -> Response:
         body = await read_json(request, limits.max_body_bytes)
         req, bundle, echo = a1111.request(body, img2img, limits, server.bundles)
-        bundle.check(req)
+        req = bundle.resolve(req, limits)
         job = Job(req, bundle.name, source="a1111")
         server.jobs.submit(job)
         if not await wait_final(job, request, server.jobs):

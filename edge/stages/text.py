@@ -29,14 +29,16 @@ def windows_allowed(graphs: Graphs) -> int | None:
 
 
 def encode_text(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negative_prompt: str, guided: bool,
-                copies: int, syntax: str = "auto", size: tuple[int, int] | None = None) -> np.ndarray:
+                copies: int, syntax: str = "auto", size: tuple[int, int] | None = None,
+                one_at_a_time: bool = False) -> np.ndarray:
     """(2N, L, D) as [unconditional x N, conditional x N] when guided, else (N, L, D); L = 77 x windows.
-    SDXL bundles: edge.stages.text_xl (both encoders, and the added conditions for an image of `size`)."""
+    SDXL bundles: edge.stages.text_xl (both encoders, the first freed before the second loads when
+    `one_at_a_time`, and the added conditions for an image of `size`)."""
     if graphs.manifest.conditioning.get("kind") == "sdxl":
         from edge.stages.text_xl import encode_text_xl
 
         return encode_text_xl(graphs, tokenizer, prompt, negative_prompt, guided, copies, syntax,
-                              size or graphs.manifest.default_size)
+                              size or graphs.manifest.default_size, one_at_a_time)
     session = graphs.open("text_encoder")[0]
     masking = can_mask(graphs)
 

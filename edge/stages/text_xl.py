@@ -1,13 +1,18 @@
 """SDXL's text conditioning: (prompt, negative prompt, size) -> the UNet's context, (B, 77k + 2, D1 + D2).
 
-Both text encoders' penultimate hidden states side by side (weighted and windowed as edge.prompts does for one
-encoder: compel weights SDXL's two encoders the same way), then the added conditions as the last two rows
+Both text encoders' penultimate hidden states side by side, each encoder's weighted and windowed on its own as
+edge.prompts does for one (compel and A1111 weight SDXL's encoders so: A1111 restores each encoder's window mean
+separately), then the added conditions as the last two rows
 (converters/sdxl.py): the second encoder's pooled embedding of the prompt, and the time ids (original size, crop
 top-left, target size; diffusers' defaults: the generation's size, no crop). Without a negative prompt, SDXL
 bundles whose model says `force_zeros_for_empty_prompt` condition the unguided half on zeros, as diffusers does.
 
 The refiner has the second encoder only: its states are the whole text part, and its time ids end in an aesthetic
 score instead of the target size (the manifest's: 6 for the prompt, 2.5 for the negative, diffusers' defaults).
+
+The encoders run one after the other, the first on every window before the second is opened, so under a memory
+budget (`one_at_a_time`) the first is freed before the second loads: the stage holds the larger of the two, not
+both (full-size SDXL int8: 0.75 against 0.85 GB, measured).
 """
 
 from __future__ import annotations
@@ -32,9 +37,14 @@ def second_ids(ids: np.ndarray, eos: int, pad: int) -> np.ndarray:
     return out
 
 
-def plain_text(prompt: str, syntax: str) -> str:
-    """The prompt's words without weighting syntax: what the pooled embedding is taken of."""
-    part = parse_prompt(prompt, syntax).parts[0]
+def pooled_text(prompt: str, syntax: str) -> str:
+    """What the pooled embedding is taken of: the prompt's words without weighting syntax, as A1111 pools its
+    first window's tokens; compel pools the prompt as written, syntax and all (compel.py: get_pooled_embeddings of
+    the text it was given), so compel-syntax prompts are pooled as written."""
+    parsed = parse_prompt(prompt, syntax)
+    if parsed.syntax == "compel":
+        return prompt
+    part = parsed.parts[0]
     fragments = part.prompts[0] if isinstance(part, Blend) else part
     return "".join(f.text for f in fragments if isinstance(f, Fragment))
 
@@ -48,47 +58,50 @@ def condition_rows(pooled: np.ndarray, time_ids: list[float], width: int) -> np.
 
 
 def encode_text_xl(graphs: Graphs, tokenizer: ClipTokenizer, prompt: str, negative_prompt: str, guided: bool,
-                   copies: int, syntax: str, size: tuple[int, int]) -> np.ndarray:
-    """(2N, L + 2, D) as [unconditional x N, conditional x N] when guided, else (N, L + 2, D)."""
+                   copies: int, syntax: str, size: tuple[int, int], one_at_a_time: bool = False) -> np.ndarray:
+    """(2N, L + 2, D) as [unconditional x N, conditional x N] when guided, else (N, L + 2, D). `one_at_a_time`:
+    the first text encoder is freed before the second is loaded."""
     cond = graphs.manifest.conditioning
     refiner = cond.get("encoders") == ["text_encoder_2"]
-    first = None if refiner else graphs.open("text_encoder")[0]
+    windows = windows_allowed(graphs)
+
+    def weighted(encode_masked) -> list[np.ndarray]:  # [negative, prompt] or [prompt], (1, L, D) each
+        how = {"encode_masked": encode_masked, "downweight": "mask"}
+        encode = lambda ids: encode_masked(ids, np.ones_like(ids))  # noqa: E731
+        if not guided:
+            return [encode_weighted(prompt, tokenizer, encode, syntax, windows, **how)]
+        return list(encode_pair(prompt, negative_prompt, tokenizer, encode, syntax, windows, **how))[::-1]
+
+    parts = []  # each encoder's states, in the order the context lays them side by side
+    if not refiner:
+        first = graphs.open("text_encoder")[0]
+        parts.append(weighted(lambda ids, mask: graphs.run("text_encoder", first, {"input_ids": ids,
+                                                                                    "attention_mask": mask})[0]))
+        del first
+        if one_at_a_time:
+            graphs.free("text_encoder")
     second = graphs.open("text_encoder_2")[0]
 
     def run_second(ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:  # [(1, 77, D2), (1, P)]
         feeds = {"input_ids": second_ids(ids, tokenizer.eos_id, cond["pad_id_2"]), "attention_mask": mask}
         return graphs.run("text_encoder_2", second, feeds)
 
-    def encode_masked(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # (1, 77) each -> (1, 77, D1 + D2)
-        if refiner:
-            return run_second(ids, mask)[0]
-        hidden = graphs.run("text_encoder", first, {"input_ids": ids, "attention_mask": mask})[0]
-        return np.concatenate([hidden, run_second(ids, mask)[0]], axis=-1)
-
     def pooled(text: str) -> np.ndarray:  # (1, P), of the prompt's first 77 tokens, as diffusers takes it
-        ids = tokenizer.encode(plain_text(text, syntax)).ids
+        ids = tokenizer.encode(pooled_text(text, syntax)).ids
         return run_second(ids, np.ones_like(ids))[1]
 
-    def encode(ids: np.ndarray) -> np.ndarray:
-        return encode_masked(ids, np.ones_like(ids))
-
+    parts.append(weighted(lambda ids, mask: run_second(ids, mask)[0]))
+    states = [np.concatenate(s, axis=-1) for s in zip(*parts)]
     h, w = size
     time_ids = [float(h), float(w), 0.0, 0.0, float(h), float(w)][: cond["time_ids"]]
     negative_ids = time_ids
     if "aesthetic_score" in cond:  # the refiner: original size, crop, aesthetic score
         time_ids, negative_ids = ([*time_ids[:4], float(cond[k])] for k in ("aesthetic_score",
                                                                               "negative_aesthetic_score"))
-    how = {"encode_masked": encode_masked, "downweight": "mask"}
-    windows = windows_allowed(graphs)
     zeros = cond.get("force_zeros_for_empty_prompt", True) and not negative_prompt
-    if not guided:
-        states = [encode_weighted(prompt, tokenizer, encode, syntax, windows, **how)]
-        extras = [pooled(prompt)]
-    else:
-        states = list(encode_pair(prompt, negative_prompt, tokenizer, encode, syntax, windows, **how))[::-1]
-        extras = [pooled(negative_prompt), pooled(prompt)]
-        if zeros:
-            states[0], extras[0] = np.zeros_like(states[1]), np.zeros_like(extras[1])
+    extras = [pooled(negative_prompt), pooled(prompt)] if guided else [pooled(prompt)]
+    if guided and zeros:
+        states[0], extras[0] = np.zeros_like(states[1]), np.zeros_like(extras[1])
     width = states[-1].shape[-1]
     ids = [negative_ids, time_ids] if guided else [time_ids]
     rows = [np.concatenate([s, condition_rows(p, i, width)], axis=1) for s, p, i in zip(states, extras, ids)]

@@ -105,6 +105,7 @@ async function loadInfo() {
     fillSchedulers(info.schedulers);
     if (info.limits && info.limits.max_steps) $("steps").max = info.limits.max_steps;
     fillSizes();
+    fillDefaults();
   }
   showBundle();
   return info;
@@ -122,6 +123,15 @@ function showBundle() {
   $("device-bundle").textContent = running.name;
   $("device-precision").textContent = running.precision;
   $("device-backend").textContent = running.backend ?? info.backend;
+}
+
+// The chosen bundle's own steps, guidance and scheduler (a few-step model's: SD-Turbo 1 step, no guidance).
+function fillDefaults() {
+  const d = currentBundle().defaults;
+  if (!d) return;
+  $("steps").value = d.steps;
+  $("guidance").value = d.guidance;
+  if ([...$("scheduler").options].some((o) => o.value === d.scheduler)) $("scheduler").value = d.scheduler;
 }
 
 function fillSchedulers(names) {
@@ -560,7 +570,7 @@ function start() {
   $("cancel").addEventListener("click", cancel);
   $("seed-random").addEventListener("click", () => { $("seed").value = -1; });
   $("seed-reuse").addEventListener("click", () => { if (state.lastSeed !== null) $("seed").value = state.lastSeed; });
-  $("bundle").addEventListener("change", () => { fillSizes(); drawStartImage(); });
+  $("bundle").addEventListener("change", () => { fillSizes(); fillDefaults(); drawStartImage(); });
   $("size").addEventListener("change", drawStartImage);
   $("init-image").addEventListener("change", (e) => onImageChosen(e.target.files[0]));
   $("mask-clear").addEventListener("click", clearMask);
