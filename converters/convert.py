@@ -162,7 +162,7 @@ def convert(
         t0 = time.perf_counter()
         src = open_source(source, config=config, allow_pickle=allow_pickle)
         log(f"loaded {source} ({src.kind}) in {time.perf_counter() - t0:.1f}s")
-        why = unet_refusal(src.pipe) or (xl_refusal(src.pipe, options) if is_xl(src.pipe) else None)
+        why = unet_refusal(src.pipe, options) or (xl_refusal(src.pipe, options) if is_xl(src.pipe) else None)
         if why:
             raise ConvertError(why)
 

@@ -38,8 +38,12 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]  # (B, C, h, w)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """`timestep_cond` (B, time_cond_proj_dim): an LCM-distilled UNet's guidance embedding
+        (edge.stages.guidance_embedding)."""
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                         return_dict=False)[0]  # (B, C, h, w)
 
 
 class VaeDecoder(torch.nn.Module):
@@ -90,6 +94,7 @@ def component_specs(pipe) -> list[Spec]:
     f = 2 ** (len(vae_cfg.block_out_channels) - 1)
     lat = ["batch", c, "height", "width"]
     img = ["batch", 3, "image_height", "image_width"]
+    embedded = getattr(unet_cfg, "time_cond_proj_dim", None)  # an LCM UNet's guidance embedding width, or None
 
     def f32(name, shape):
         return {"name": name, "dtype": "float32", "shape": shape}
@@ -107,13 +112,14 @@ def component_specs(pipe) -> list[Spec]:
             # in_channels: 4, or 9 for an inpainting UNet (latents + mask + masked-image latents)
             [f32("sample", ["batch", unet_cfg.in_channels, "height", "width"]), f32("timestep", ["batch"]),
              # "context": 77 per prompt window; longer prompts are encoded in windows and concatenated
-             f32("encoder_hidden_states", ["batch", "context", unet_cfg.cross_attention_dim])],
+             f32("encoder_hidden_states", ["batch", "context", unet_cfg.cross_attention_dim])]
+            + ([f32("timestep_cond", ["batch", embedded])] if embedded else []),
             [f32("noise_pred", lat)],
             lambda g, h, w: (
                 torch.randn(2, unet_cfg.in_channels, h, w, generator=g),
                 torch.rand(2, generator=g) * 999,
                 torch.randn(2, seq, unet_cfg.cross_attention_dim, generator=g),
-            ),
+            ) + ((torch.randn(2, embedded, generator=g),) if embedded else ()),
         ),
         Spec(
             "vae_decoder", VaeDecoder(pipe.vae),

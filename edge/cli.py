@@ -207,18 +207,20 @@ def _control_image(a: argparse.Namespace) -> int:
 
 def _plan(a: argparse.Namespace) -> int:
     from edge.pipeline import Pipeline
+    from edge.stages.guidance_embedding import guided_by_cfg
 
     # Opened as `edge generate` opens it, graphs not loaded: the process it plans for is the same.
     pipe = Pipeline.load(a.bundle, memory_budget=a.memory_budget, preload=False, verify=False)
     h, w = _size(pipe, a)
     guidance = pipe.manifest.generation_defaults(guidance=a.guidance)["guidance"]  # few-step models: their own
-    plan = pipe.plan_for(h, w, num_images=a.num_images, guided=guidance > 1)
-    print(f"{a.bundle}: {w}x{h}, {a.num_images} image(s), guidance {guidance:g}")
+    guided = guided_by_cfg(pipe.manifest, guidance)  # an LCM UNet's guidance is an input, not a second pass
+    print(f"{a.bundle}: {w}x{h}, {a.num_images} image(s), guidance {guidance:g}", flush=True)
+    plan = pipe.plan_for(h, w, num_images=a.num_images, guided=guided)
     print(plan.describe())
     from edge.plan import smallest_budget
 
     try:
-        least, frugal = smallest_budget(pipe.manifest, h, w, num_images=a.num_images, guided=guidance > 1,
+        least, frugal = smallest_budget(pipe.manifest, h, w, num_images=a.num_images, guided=guided,
                                         base=plan.base)
     except ValueError:  # a bundle without memory measurements: its plan above already says so
         return 0

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from edge.stages import decode as decode_stage
 from edge.stages.control import PREFIX as CONTROLNET
 from edge.stages.control import check_controls, controlled, describe_control
 from edge.stages.denoise import Blend, denoise, unet_call
+from edge.stages.guidance_embedding import INPUT, embedding_width, guidance_embedding, guided_by_cfg
 from edge.stages.inpaint import INPAINT_CHANNELS, blend, prepare, unet_channels
 from edge.stages.preview import preview as preview_stage
 from edge.stages.start import encode_image, image_latents, noise_latents
@@ -171,7 +173,7 @@ class Pipeline:
         sched = make_scheduler(scheduler, scheduler_config_from_dict(self.manifest.scheduler))
         sched.set_timesteps(steps, 1.0 if image is None else strength)
         rng = np.random.default_rng(seed)
-        guided = guidance > 1
+        guided = guided_by_cfg(self.manifest, guidance)  # an LCM UNet takes guidance as an input instead
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
@@ -246,14 +248,17 @@ class Pipeline:
         model's estimate of the clean latents at that step is kept as `self.denoised`, for previews."""
         two_calls = self.plan is not None and self.plan.guidance_batch == 1
         unet = controlled(self.unet, self.graphs, self.plan, controls, sched.timesteps, start) if controls else self.unet
+        width = embedding_width(self.manifest)
+        if width is not None:  # the guidance scale as the UNet's input (LCM), not as a second, unconditional pass
+            unet = functools.partial(unet, inputs={INPUT: guidance_embedding(guidance, width, len(x))})
         for x, self.denoised in denoise(unet, x, context, sched, guidance, rng, two_calls=two_calls,
                                         start=start, extra=extra, blend=blend, cache_interval=cache_interval):
             yield x
 
     def unet(self, sample: np.ndarray, t: float, context: np.ndarray, cache: dict | None = None,
-             reuse: bool = False, residuals: dict | None = None) -> np.ndarray:
+             reuse: bool = False, residuals: dict | None = None, inputs: dict | None = None) -> np.ndarray:
         """One UNet call, (B, C, h, w) -> noise prediction; a split UNet runs chunk by chunk (DeepCache: `cache`)."""
-        return unet_call(self.graphs, self.plan, sample, t, context, cache, reuse, residuals)
+        return unet_call(self.graphs, self.plan, sample, t, context, cache, reuse, residuals, inputs)
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         """(1, C, h, w) latents -> an image, whole or in tiles as the plan says."""

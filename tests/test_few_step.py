@@ -4,7 +4,9 @@ generate` uses them where the user gives none, and an LCM-distilled UNet with a 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import run_edge
 from edge.bundle import read_manifest
@@ -36,8 +38,6 @@ def test_the_bundle_recommends_how_to_sample_it(tmp_path, cls, config, expected)
     assert {k: m.recommended[k] for k in expected} == expected and m.generation_defaults() == expected
     info = run_edge("info", bundle).stdout
     assert f"recommended: {expected['steps']} steps" in info
-    plan = run_edge("plan", bundle, "--memory-budget", "64GB", check=False)  # planned for the guidance it runs at
-    assert f"1 image(s), guidance {expected['guidance']:g}\n" in plan.stdout, plan.stdout + plan.stderr
     out = tmp_path / "o.png"
     run_edge("generate", bundle, "a red circle", "-o", out)
     params = read_params(out)
@@ -46,17 +46,77 @@ def test_the_bundle_recommends_how_to_sample_it(tmp_path, cls, config, expected)
     assert {k: read_params(out)[k] for k in expected} == {"steps": 3, "guidance": 2.0, "scheduler": "ddim"}
 
 
-def test_an_lcm_distilled_unet_with_a_guidance_embedding_is_refused(tmp_path):
-    from diffusers import UNet2DConditionModel
+def _lcm_distilled(tmp_path):
+    """A tiny LCM-distilled model: its UNet takes the guidance scale as an embedding (time_cond_proj_dim)."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
 
     from edge.converters.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(seed=3)
     config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
-    pipe.unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 16})
-    pipe.save_pretrained(tmp_path / "m", safe_serialization=True)
-    proc = run_edge("convert", tmp_path / "m", "-o", tmp_path / "b", check=False)
-    assert proc.returncode != 0 and "guidance embedding (time_cond_proj_dim) is not built yet" in proc.stderr
+    unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 32})
+    torch.manual_seed(5)
+    for p in unet.time_embedding.cond_proj.parameters():  # diffusers starts it at zero: make guidance count
+        torch.nn.init.normal_(p, std=0.5)
+    pipe.unet = unet
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "lcm", safe_serialization=True)
+    return tmp_path / "lcm"
+
+
+def test_an_lcm_distilled_unet_matches_diffusers(tmp_path):
+    """The guidance embedding is the graph's input, computed in numpy as diffusers computes it; one pass per
+    step, no unconditional one; images as LatentConsistencyModelPipeline draws them (1 step: no noise between
+    steps, which each side draws from its own generator) at two guidance scales; each UNet call of a 4-step run
+    matches diffusers' UNet on the same inputs. What is not built with it is refused by name."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from edge import Pipeline
+    from edge.metrics import psnr
+    from edge.stages.guidance_embedding import guidance_embedding
+
+    model, bundle = _lcm_distilled(tmp_path), tmp_path / "bundle"
+    run_edge("convert", model, "-o", bundle, "--no-tiled-vae")
+    m = read_manifest(bundle)
+    assert m.generation_defaults() == {"steps": 4, "guidance": 8.5, "scheduler": "lcm"}
+    plan = run_edge("plan", bundle, "--memory-budget", "64GB").stdout  # planned as it runs: 8.5, one pass per step
+    assert "1 image(s), guidance 8.5\n" in plan and "one call per step" in plan, plan
+    assert [t.name for t in m.components["unet"].inputs][-1] == "timestep_cond"
+    reference = LatentConsistencyModelPipeline.from_pretrained(model, safety_checker=None, local_files_only=True,
+                                                               requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    w = torch.tensor([7.5, 0.0])
+    assert np.allclose(guidance_embedding(8.5, 32, 1)[0], reference.get_guidance_scale_embedding(w, 32)[0], atol=1e-4)
+    ours = Pipeline.load(bundle)
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    for guidance in (8.5, 3.0):
+        with torch.no_grad():
+            want = reference("a red circle", num_inference_steps=1, guidance_scale=guidance, height=64, width=64,
+                             latents=torch.from_numpy(latents), output_type="np").images[0]
+        want = (want * 255).round()
+        got = np.asarray(ours.generate("a red circle", steps=1, guidance=guidance, latents=latents).images[0],
+                         np.float64)
+        assert psnr(want, got, peak=255.0) >= 40
+    calls = []
+    real_unet = reference.unet.forward
+
+    def recorded(sample, t, encoder_hidden_states, timestep_cond=None, **kw):
+        out = real_unet(sample, t, encoder_hidden_states, timestep_cond=timestep_cond, **kw)
+        calls.append((sample.numpy().copy(), float(t), encoder_hidden_states.numpy().copy(), out[0].numpy().copy()))
+        return out
+
+    reference.unet.forward = recorded  # records what diffusers' UNet sees and says, at every step
+    with torch.no_grad():
+        reference("a red circle", num_inference_steps=4, guidance_scale=8.5, height=64, width=64,
+                  latents=torch.from_numpy(latents), output_type="np")
+    assert len(calls) == 4 and all(c[0].shape[0] == 1 for c in calls)  # one conditional pass per step
+    for sample, t, context, noise in calls:
+        mine = ours.unet(sample, t, context, inputs={"timestep_cond": guidance_embedding(8.5, 32, 1)})
+        assert psnr(noise.astype(np.float64), mine.astype(np.float64)) >= 40
+        other = ours.unet(sample, t, context, inputs={"timestep_cond": guidance_embedding(3.0, 32, 1)})
+        assert np.abs(mine - other).max() > 10 * np.abs(noise - mine).max()  # the guidance scale counts
+    proc = run_edge("convert", model, "-o", tmp_path / "b", "--deep-cache", check=False)
+    assert proc.returncode != 0 and "--deep-cache with an LCM-distilled UNet" in proc.stderr
     assert not (tmp_path / "b").exists()
 
 

@@ -24,17 +24,18 @@ UNet = Callable[..., np.ndarray]
 
 def unet_call(graphs: Graphs, plan: Plan | None, sample: np.ndarray, t: float, context: np.ndarray,
               cache: dict | None = None, reuse: bool = False,
-              residuals: dict[str, np.ndarray] | None = None) -> np.ndarray:
+              residuals: dict[str, np.ndarray] | None = None, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(B, C, h, w) -> noise prediction. Chunks the plan does not keep resident load for this call only.
 
     DeepCache: with `reuse` the deep chunk is skipped and `cache` (what it made at the last full step) stands in
     for its outputs; without, a given `cache` is filled with them.
     A UNet converted with ControlNets takes their `residuals` (edge.stages.control); zeros where none is given.
+    `inputs`: the graph's further inputs (an LCM UNet's guidance embedding, edge.stages.guidance_embedding).
     Logged in `graphs.timed_calls` as one "unet" entry: all its chunks, and loading those not resident.
     """
     start = time.time()
     env = {"sample": sample, "timestep": np.full((sample.shape[0],), t, dtype=np.float32),
-           "encoder_hidden_states": context}
+           "encoder_hidden_states": context, **(inputs or {})}
     component = graphs.manifest.components["unet"]
     for r in component.control_inputs:  # (B, channels, h / stride, w / stride), rounded up as the UNet's
         env[r["name"]] = residuals[r["name"]] if residuals is not None else np.zeros(
